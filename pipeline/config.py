@@ -1,0 +1,332 @@
+"""The run configuration: one YAML file, loaded once into typed objects.
+
+`load_config(path)` is the only way in. It reads the YAML (refusing duplicate
+keys), checks structure and types with pydantic (unknown keys are errors, no
+silent coercion), then checks the values against each other (a schedule that
+does not fit the run, a hidden size the soul cannot split into 8x8 blocks).
+Every problem is collected and raised together as one `ConfigError` whose
+lines each name the file and the key.
+
+Relative paths in a config are resolved against the config file's folder, so
+a config means the same thing whatever the current directory is.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import BadInputError
+
+SOUL_BLOCK = 8  # the soul rotates the hidden state in independent 8x8 blocks
+CHECKPOINT_MARKER = "checkpoint.json"  # written last into a complete checkpoint folder
+FUSION_MARKER = "fusion.json"  # written last into a complete fused model folder
+
+
+class ConfigError(BadInputError):
+    """A config file that cannot be used; `problems` holds one line per key."""
+
+    def __init__(self, path: Path | str, problems: list[str]):
+        self.path = str(path)
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{self.path}: {len(problems)} problem(s) in config:\n{lines}")
+
+
+class _Section(BaseModel):
+    # strict: YAML already gives typed values, so "16" for an int is a mistake
+    # worth reporting rather than coercing; extra="forbid": a typo is an error.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class RunSection(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    build_dir: str = "build"
+    seed: int = 42
+
+
+class ModelSection(_Section):
+    base: str = Field(min_length=1)
+    revision: str = "main"
+
+
+class DataSection(_Section):
+    train: str = Field(min_length=1)
+    max_length: int = Field(default=512, ge=8)
+
+
+class LoraSection(_Section):
+    r: int = Field(default=16, ge=1)
+    alpha: float = Field(default=32.0, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], min_length=1
+    )
+
+
+class TrainSection(_Section):
+    quantization: Literal["nf4", "none", "auto"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    lora: LoraSection = LoraSection()
+    lr: float = Field(default=2e-4, gt=0)
+    lr_warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=1, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    steps: int = Field(default=500, ge=1)
+    save_every: int = Field(default=100, ge=1)
+    gradient_checkpointing: bool = False
+
+
+class SoulSection(_Section):
+    alpha_start: float = -5.0
+    alpha_target: float = 1.618
+    warmup_steps: int = Field(default=50, ge=0)
+    anneal_steps: int = Field(default=400, ge=0)
+    lr: float | None = Field(default=None, gt=0)
+    ortho_weight: float = Field(default=0.0, ge=0)
+
+
+class FuseSection(_Section):
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+
+class GgufSection(_Section):
+    outtype: Literal["f32", "f16", "bf16", "q8_0"] = "f16"
+    quantizations: list[str] = Field(default_factory=lambda: ["Q4_K_M"], min_length=1)
+
+
+class OllamaSection(_Section):
+    model: str = Field(default="agiasi-borea", pattern=r"^[a-z0-9][a-z0-9._/:-]*$")
+    family: str = "phi3"
+    system: str = ""
+    parameters: dict[str, float | int | str] = Field(default_factory=dict)
+
+
+class Config(_Section):
+    run: RunSection
+    model: ModelSection
+    data: DataSection
+    train: TrainSection = TrainSection()
+    soul: SoulSection = SoulSection()
+    fuse: FuseSection = FuseSection()
+    gguf: GgufSection = GgufSection()
+    ollama: OllamaSection = OllamaSection()
+
+    # Set by load_config: where the file lives, to resolve relative paths.
+    source: Path = Field(default=Path("."), exclude=True)
+
+    def resolve(self, p: str) -> Path:
+        path = Path(p).expanduser()
+        return path if path.is_absolute() else (self.source.parent / path)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.resolve(self.run.build_dir) / self.run.name
+
+    # Where each artifact of a run lives; the Makefile gets these from `plan`.
+    @property
+    def final_checkpoint(self) -> Path:
+        return self.run_dir / "checkpoints" / "final"
+
+    @property
+    def checkpoint_marker(self) -> Path:
+        return self.final_checkpoint / CHECKPOINT_MARKER
+
+    @property
+    def fused_dir(self) -> Path:
+        return self.run_dir / "fused"
+
+    @property
+    def fused_marker(self) -> Path:
+        return self.fused_dir / FUSION_MARKER
+
+    def gguf_path(self, kind: str) -> Path:
+        """kind: the converter's outtype (f16) or a quantization type (Q4_K_M)."""
+        return self.run_dir / "gguf" / f"{self.run.name}-{kind.lower()}.gguf"
+
+    @property
+    def modelfile_path(self) -> Path:
+        return self.run_dir / "Modelfile"
+
+    @property
+    def ollama_stamp(self) -> Path:
+        return self.run_dir / "ollama.json"
+
+    @property
+    def stamp_dir(self) -> Path:
+        return self.run_dir / "stamps"
+
+    def base_is_local(self) -> bool:
+        return looks_local(self.model.base) or self.resolve(self.model.base).is_dir()
+
+    def section_digest(self, stage: str) -> str:
+        return hashlib.sha256(stage_inputs_json(self, stage).encode()).hexdigest()
+
+
+def looks_local(base: str) -> bool:
+    """A hub id is `owner/name`; anything starting like a path is a folder."""
+    return base.startswith((".", "/", "~")) or base.count("/") != 1
+
+
+# Which config keys each stage reads. A stage's stamp holds exactly these
+# values, so changing the Ollama system prompt re-runs only the Modelfile and
+# registration, and changing a quantization type re-runs only quantize onward.
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "train": ("run.seed", "model", "data", "train", "soul"),
+    "fuse": ("fuse",),
+    "convert": ("gguf.outtype",),
+    "modelfile": ("ollama", "gguf.quantizations"),  # FROM names the first quantization
+    "register": ("ollama.model",),
+}
+
+
+def stage_inputs_json(cfg: Config, stage: str) -> str:
+    """Canonical JSON of the config values a stage depends on."""
+    dumped = cfg.model_dump(mode="json")
+    picked: dict[str, Any] = {}
+    for key in STAGE_INPUTS[stage]:
+        node: Any = dumped
+        for part in key.split("."):
+            node = node[part]
+        picked[key] = node
+    # Paths are compared resolved, so moving the config file with its data
+    # does not look like a change while pointing at other data does.
+    if stage == "train":
+        picked["data"] = dict(picked["data"], train=str(cfg.resolve(cfg.data.train).resolve()))
+        if cfg.base_is_local():
+            picked["model"] = dict(picked["model"], base=str(cfg.resolve(cfg.model.base).resolve()))
+    return json.dumps(picked, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of keeping the last one."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def load_config(path: Path | str) -> Config:
+    """Load and validate a config file.
+
+    Input: path to a YAML file. Output: a frozen `Config`.
+    Raises `ConfigError` listing every problem found (missing file, YAML
+    syntax or duplicate keys with their line, unknown keys, wrong types,
+    values that do not fit together), each naming its key.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, ["file not found"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(path, [f"cannot read: {e}"]) from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (SafeLoader subclass)
+    except yaml.YAMLError as e:
+        raise ConfigError(path, [f"invalid YAML: {e}".replace("\n", " ")]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(path, ["the top level must be a mapping of sections (run, model, data, ...)"])
+
+    try:
+        cfg = Config.model_validate({**raw, "source": path.resolve()})
+    except pydantic.ValidationError as e:
+        problems = []
+        for err in e.errors():
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            problems.append(f"{_format_loc(err['loc'])}: {msg}")
+        raise ConfigError(path, problems) from None
+
+    problems = _check_values(cfg)
+    if problems:
+        raise ConfigError(path, problems)
+    return cfg
+
+
+def _check_values(cfg: Config) -> list[str]:
+    """Checks that involve more than one key, or the files a key points at."""
+    problems: list[str] = []
+    t, s = cfg.train, cfg.soul
+    if s.warmup_steps + s.anneal_steps > t.steps:
+        problems.append(
+            f"soul.warmup_steps + soul.anneal_steps ({s.warmup_steps} + {s.anneal_steps}) "
+            f"is longer than train.steps ({t.steps}): the schedule would never reach alpha_target"
+        )
+    if t.save_every > t.steps:
+        problems.append(f"train.save_every ({t.save_every}) is larger than train.steps ({t.steps})")
+    if t.lr_warmup_steps > t.steps:
+        problems.append(f"train.lr_warmup_steps ({t.lr_warmup_steps}) is larger than train.steps ({t.steps})")
+    for key in ("alpha_start", "alpha_target"):
+        if not math.isfinite(getattr(s, key)):
+            problems.append(f"soul.{key}: must be a finite number")
+    if len(set(q.upper() for q in cfg.gguf.quantizations)) != len(cfg.gguf.quantizations):
+        problems.append("gguf.quantizations: lists a type twice")
+    for q in cfg.gguf.quantizations:
+        if not q.replace("_", "").isalnum():
+            problems.append(f"gguf.quantizations: {q!r} is not a quantization type name")
+
+    data = cfg.resolve(cfg.data.train)
+    if not data.is_file():
+        problems.append(f"data.train: file not found: {data}")
+
+    if cfg.base_is_local():
+        problems.extend(_check_local_base(cfg.resolve(cfg.model.base)))
+    return problems
+
+
+def _check_local_base(base: Path) -> list[str]:
+    cfg_file = base / "config.json"
+    if not cfg_file.is_file():
+        return [f"model.base: {base} is not a Hugging Face model folder (no config.json)"]
+    try:
+        hf = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return [f"model.base: cannot read {cfg_file}: {e}"]
+    return check_base_architecture(hf, str(cfg_file))
+
+
+def check_base_architecture(hf: dict[str, Any], where: str) -> list[str]:
+    """Problems that make a base model unusable for this pipeline."""
+    problems = []
+    arch = hf.get("architectures") or []
+    if "Phi3ForCausalLM" not in arch:
+        problems.append(
+            f"model.base: {where} describes {arch or hf.get('model_type')}, "
+            "but this pipeline supports Phi-3 models (Phi3ForCausalLM)"
+        )
+    hidden = hf.get("hidden_size")
+    if not isinstance(hidden, int) or hidden % SOUL_BLOCK:
+        problems.append(
+            f"model.base: hidden_size {hidden} in {where} is not divisible by {SOUL_BLOCK} "
+            f"(the soul rotates {SOUL_BLOCK}x{SOUL_BLOCK} blocks)"
+        )
+    return problems
