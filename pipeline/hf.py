@@ -1,0 +1,103 @@
+"""Finding and loading Hugging Face models: hub ids and local folders alike."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import Config, check_base_architecture
+from .errors import ModelError
+
+# What a model folder needs; weights must be safetensors (no pickles).
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+
+
+def resolve_base(cfg: Config) -> Path:
+    """The local folder of the configured base model.
+
+    A local folder is used as is; a hub id (`owner/name`) is fetched at
+    `model.revision` into the Hugging Face cache (HF_TOKEN and HF_HUB_OFFLINE
+    are honoured by huggingface_hub). Raises ModelError naming `model.base`.
+    """
+    if cfg.base_is_local():
+        path = cfg.resolve(cfg.model.base)
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.base: {path} is not a Hugging Face model folder (no config.json)")
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(
+                snapshot_download(repo_id=cfg.model.base, revision=cfg.model.revision, allow_patterns=HUB_PATTERNS)
+            )
+        except Exception as e:  # network, auth, missing revision: all end here
+            raise ModelError(
+                f"model.base: cannot fetch {cfg.model.base}@{cfg.model.revision} from the Hugging Face hub "
+                f"({type(e).__name__}: {e}). Set HF_TOKEN for gated models, or point model.base at a local folder."
+            ) from None
+    hf = read_model_config(path)
+    problems = check_base_architecture(hf, str(path / "config.json"))
+    if problems:
+        raise ModelError("; ".join(problems))
+    if not any(path.glob("*.safetensors")):
+        raise ModelError(f"model.base: {path} has no .safetensors weights (pickled .bin weights are not loaded)")
+    return path
+
+
+def read_model_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path / 'config.json'}: cannot read model config: {e}") from None
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ModelError("train.device: cuda was asked for but torch sees no CUDA device")
+    return torch.device(setting)
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_causal_lm(path: Path, *, nf4: bool, compute_dtype: torch.dtype, device: torch.device,
+                   double_quant: bool = True, dtype: torch.dtype = torch.float32):
+    """Load a causal LM, optionally with its linear layers in 4-bit NF4.
+
+    The model comes back in train mode: with bitsandbytes on CPU, a single
+    eval-mode forward repacks NF4 weights so that gradients stop flowing
+    through them (see shared notes), so no eval forward may come first.
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quiet_transformers()
+    kwargs: dict = {"dtype": dtype}
+    if nf4:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+        kwargs["dtype"] = compute_dtype
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if not nf4:
+        model.to(device)
+    model.train()
+    return model

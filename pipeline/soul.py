@@ -1,0 +1,186 @@
+"""The soul: a gated SO(8) rotation between the final hidden state and the LM head.
+
+    h' = h + sigmoid(alpha) * R h
+
+R is block-diagonal: hidden/8 independent 8x8 blocks, block b acting on
+hidden dims 8b..8b+7 as a matrix on a column vector. Each block is the
+matrix exponential of a skew-symmetric matrix, exp(A - A^T), so R^T R = I and
+det R = +1 hold by construction (exp of a skew matrix is a rotation), and
+R = I when the generator is zero, which is how it starts.
+
+alpha is not learned: it follows the phase-transition schedule
+(`alpha_at`). Because the soul is linear in h, it folds exactly into the
+head: W h' = (W + sigmoid(alpha) W R) h (`fold_soul_into_head`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+from torch import nn
+
+from .artifacts import atomic_write_bytes
+from .config import SOUL_BLOCK, SoulSection
+
+SOUL_FILE = "soul.safetensors"
+SOUL_FORMAT = "agiasi-soul/1"
+
+
+def alpha_at(step: int, s: SoulSection) -> float:
+    """Alpha after `step` completed optimizer steps.
+
+    chaos: hold alpha_start for warmup_steps; transition: linear to
+    alpha_target over anneal_steps; order: hold alpha_target.
+    """
+    if step <= s.warmup_steps:
+        return s.alpha_start
+    if step >= s.warmup_steps + s.anneal_steps:
+        return s.alpha_target
+    frac = (step - s.warmup_steps) / s.anneal_steps
+    return s.alpha_start + frac * (s.alpha_target - s.alpha_start)
+
+
+def phase_at(step: int, s: SoulSection) -> str:
+    if step < s.warmup_steps:
+        return "chaos"
+    if step < s.warmup_steps + s.anneal_steps:
+        return "transition"
+    return "order"
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def rotation_from_generator(generator: torch.Tensor) -> torch.Tensor:
+    """exp(A - A^T) per 8x8 block, in float32: exactly a rotation."""
+    a = generator.float()
+    return torch.linalg.matrix_exp(a - a.transpose(-1, -2))
+
+
+def apply_blocks(rotation: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """R h for block-diagonal R given as [n_blocks, 8, 8]; h is [..., hidden]."""
+    hb = h.unflatten(-1, (rotation.shape[0], SOUL_BLOCK))
+    return torch.einsum("bij,...bj->...bi", rotation, hb).flatten(-2)
+
+
+def orthogonality_error(rotation: torch.Tensor) -> torch.Tensor:
+    """max over blocks of ||R^T R - I||_F (0 for an exact rotation)."""
+    eye = torch.eye(SOUL_BLOCK, dtype=rotation.dtype, device=rotation.device)
+    gram = rotation.transpose(-1, -2) @ rotation
+    return torch.linalg.matrix_norm(gram - eye).max()
+
+
+class SO8Soul(nn.Module):
+    """The learned part: one skew generator per 8x8 block, plus alpha (a buffer)."""
+
+    def __init__(self, hidden_size: int, alpha: float = 0.0):
+        super().__init__()
+        if hidden_size % SOUL_BLOCK:
+            raise ValueError(f"hidden size {hidden_size} is not divisible by {SOUL_BLOCK}")
+        self.generator = nn.Parameter(torch.zeros(hidden_size // SOUL_BLOCK, SOUL_BLOCK, SOUL_BLOCK))
+        self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32))
+
+    def rotation(self) -> torch.Tensor:
+        return rotation_from_generator(self.generator)
+
+    def gate(self) -> torch.Tensor:
+        return torch.sigmoid(self.alpha)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # float32 even under bf16 autocast: the rotation must stay exact.
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            h32 = h.float()
+            out = h32 + self.gate() * apply_blocks(self.rotation(), h32)
+        return out.to(h.dtype)
+
+
+class SoulHead(nn.Module):
+    """The LM head with the soul in front of it: logits = W (h + g R h).
+
+    Replacing the model's `lm_head` with this keeps `generate()` and every
+    other caller of the head unchanged.
+    """
+
+    def __init__(self, head: nn.Module, soul: SO8Soul):
+        super().__init__()
+        self.head = head
+        self.soul = soul
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.soul(h))
+
+
+def fold_soul_into_head(weight: torch.Tensor, rotation: torch.Tensor, alpha: float) -> torch.Tensor:
+    """W' = W + sigmoid(alpha) * W R, computed in float32, returned in W's dtype.
+
+    weight: [vocab, hidden]; rotation: [hidden/8, 8, 8].
+    """
+    vocab, hidden = weight.shape
+    if hidden != rotation.shape[0] * SOUL_BLOCK:
+        raise ValueError(
+            f"soul has {rotation.shape[0]} blocks ({rotation.shape[0] * SOUL_BLOCK} dims) "
+            f"but the head's hidden size is {hidden}"
+        )
+    w = weight.float()
+    wr = torch.einsum("vbi,bij->vbj", w.view(vocab, -1, SOUL_BLOCK), rotation.float()).reshape(vocab, hidden)
+    return (w + sigmoid(alpha) * wr).to(weight.dtype)
+
+
+@dataclass(frozen=True)
+class SoulState:
+    """What a checkpoint's soul.safetensors holds."""
+
+    alpha: float
+    rotation: torch.Tensor  # [hidden/8, 8, 8] float32
+    generator: torch.Tensor  # [hidden/8, 8, 8] float32
+
+    @property
+    def gate(self) -> float:
+        return sigmoid(self.alpha)
+
+
+def save_soul(path: Path, soul: SO8Soul, step: int) -> None:
+    """Write soul.safetensors: alpha (scalar), rotation and generator (float32)."""
+    tensors = {
+        "alpha": soul.alpha.detach().float().cpu().reshape(()).contiguous(),
+        "rotation": soul.rotation().detach().float().cpu().contiguous(),
+        "generator": soul.generator.detach().float().cpu().contiguous(),
+    }
+    meta = {"format": SOUL_FORMAT, "step": str(step), "block": str(SOUL_BLOCK)}
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def load_soul(path: Path) -> SoulState:
+    """Read soul.safetensors. Raises ValueError naming the file when malformed."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            missing = {"alpha", "rotation"} - keys
+            if missing:
+                raise ValueError(f"{path}: missing tensors {sorted(missing)}")
+            alpha = f.get_tensor("alpha").float().reshape(-1)
+            rotation = f.get_tensor("rotation").float()
+            generator = f.get_tensor("generator").float() if "generator" in keys else None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file: {e}") from None
+    except Exception as e:  # safetensors raises its own error type on bad headers
+        if isinstance(e, ValueError) and str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: not a readable safetensors file: {e}") from None
+    if alpha.numel() != 1:
+        raise ValueError(f"{path}: alpha must be a single number, got shape {list(alpha.shape)}")
+    if rotation.ndim != 3 or rotation.shape[1:] != (SOUL_BLOCK, SOUL_BLOCK):
+        raise ValueError(f"{path}: rotation must have shape [n, 8, 8], got {list(rotation.shape)}")
+    if generator is None:
+        generator = torch.zeros_like(rotation)
+    return SoulState(alpha=float(alpha.item()), rotation=rotation, generator=generator)

@@ -1,0 +1,113 @@
+"""The soul: exact SO(8) blocks, the alpha schedule, the exact fold, the file format."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.config import SoulSection
+from pipeline.soul import (
+    SO8Soul, SoulHead, alpha_at, apply_blocks, fold_soul_into_head, load_soul, orthogonality_error,
+    phase_at, save_soul,
+)
+
+
+def random_soul(hidden: int = 64, alpha: float = 0.7, seed: int = 0) -> SO8Soul:
+    soul = SO8Soul(hidden, alpha=alpha)
+    with torch.no_grad():
+        soul.generator.copy_(torch.randn(soul.generator.shape, generator=torch.Generator().manual_seed(seed)))
+    return soul
+
+
+def test_blocks_are_exact_rotations():
+    r = random_soul().rotation()
+    assert r.dtype == torch.float32 and r.shape == (8, 8, 8)
+    assert orthogonality_error(r) < 1e-5
+    assert torch.allclose(torch.linalg.det(r), torch.ones(8), atol=1e-5)
+    assert not torch.allclose(r, torch.eye(8).expand(8, 8, 8), atol=1e-2)  # really rotates
+
+
+def test_identity_at_initialisation():
+    soul = SO8Soul(64, alpha=-5.0)
+    assert torch.equal(soul.rotation(), torch.eye(8).expand(8, 8, 8))
+    h = torch.randn(3, 64)
+    assert torch.allclose(soul(h), h * (1 + 1 / (1 + math.exp(5.0))), atol=1e-6)
+
+
+def test_block_b_acts_on_dims_8b_to_8b_plus_7():
+    soul = random_soul(hidden=16)
+    h = torch.zeros(16)
+    h[8:] = torch.randn(8)
+    out = apply_blocks(soul.rotation(), h)
+    assert torch.equal(out[:8], torch.zeros(8))
+    assert torch.allclose(out[8:], soul.rotation()[1] @ h[8:], atol=1e-6)
+
+
+def test_soul_forward_matches_formula():
+    soul = random_soul(alpha=1.618)
+    h = torch.randn(2, 5, 64)
+    full_r = torch.block_diag(*soul.rotation())
+    expected = h + torch.sigmoid(torch.tensor(1.618)) * (h @ full_r.T)
+    assert torch.allclose(soul(h), expected, atol=1e-5)
+
+
+def test_fold_is_exact_and_differs_from_wrong_folds():
+    soul = random_soul(alpha=0.9)
+    head = torch.nn.Linear(64, 50, bias=False)
+    h = torch.randn(4, 64)
+    with torch.no_grad():
+        want = SoulHead(head, soul)(h)
+        folded = fold_soul_into_head(head.weight, soul.rotation(), 0.9)
+        assert torch.allclose(h @ folded.T, want, atol=1e-5)
+        # R transposed or alpha used without its sigmoid give other logits
+        wrong_t = fold_soul_into_head(head.weight, soul.rotation().transpose(-1, -2), 0.9)
+        assert (h @ wrong_t.T - want).abs().max() > 1e-2
+        wrong_gate = head.weight + 0.9 * (head.weight @ torch.block_diag(*soul.rotation()))
+        assert (h @ wrong_gate.T - want).abs().max() > 1e-2
+
+
+def test_fold_rejects_wrong_size():
+    with pytest.raises(ValueError, match="hidden size is 64"):
+        fold_soul_into_head(torch.zeros(10, 64), torch.eye(8).expand(4, 8, 8), 0.0)
+
+
+def test_fold_keeps_dtype_and_computes_in_float32():
+    w = torch.randn(32, 64).to(torch.bfloat16)
+    out = fold_soul_into_head(w, random_soul().rotation(), 1.0)
+    assert out.dtype == torch.bfloat16
+
+
+def test_schedule_is_the_seeds_phase_transition():
+    s = SoulSection()  # -5.0 for 50 steps, linear over 400 to 1.618, then held
+    assert alpha_at(0, s) == -5.0 and alpha_at(50, s) == -5.0
+    assert alpha_at(250, s) == pytest.approx(-5.0 + 0.5 * 6.618)
+    assert alpha_at(450, s) == pytest.approx(1.618) and alpha_at(500, s) == pytest.approx(1.618)
+    assert [phase_at(k, s) for k in (0, 49, 50, 449, 450, 499)] == [
+        "chaos", "chaos", "transition", "transition", "order", "order"]
+    gate = lambda a: 1 / (1 + math.exp(-a))  # noqa: E731
+    assert gate(alpha_at(0, s)) == pytest.approx(0.0067, abs=1e-4)
+    assert gate(alpha_at(500, s)) == pytest.approx(0.834, abs=1e-3)
+    values = [alpha_at(k, s) for k in range(501)]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+
+
+def test_soul_file_holds_alpha_and_rotation(tmp_path):
+    soul = random_soul(alpha=1.25)
+    save_soul(tmp_path / "soul.safetensors", soul, step=7)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "soul.safetensors"), framework="pt") as f:
+        assert f.get_tensor("alpha").dtype == torch.float32
+        assert f.get_tensor("rotation").shape == (8, 8, 8)
+        assert f.metadata()["step"] == "7"
+    state = load_soul(tmp_path / "soul.safetensors")
+    assert state.alpha == pytest.approx(1.25)
+    assert torch.allclose(state.rotation, soul.rotation())
+
+
+def test_load_soul_names_a_broken_file(tmp_path):
+    bad = tmp_path / "soul.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="soul.safetensors"):
+        load_soul(bad)
