@@ -1,0 +1,200 @@
+"""Stage 2, fuse: merge the LoRA into the 16-bit base and fold the soul into the head.
+
+For every base weight W (read one tensor at a time, in float32):
+  - a LoRA-adapted linear layer becomes W + (alpha_lora / r) * B A;
+  - the LM head becomes W + sigmoid(alpha) * W R, R the soul's rotation;
+then it is cast to `fuse.dtype` and streamed to the output shard. With tied
+embeddings the head is written as its own tensor and the config untied, so
+the input embeddings stay as they were. The result is a standard Phi-3
+Hugging Face folder (no remote code) with the tokenizer files, and
+`fusion.json` (provenance) written last as the completion marker.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .artifacts import atomic_dir, atomic_write_text, sha256_file
+from .config import CHECKPOINT_MARKER, FUSION_MARKER, SOUL_BLOCK, Config
+from .errors import FuseError
+from .hf import DTYPES, read_model_config, resolve_base
+from .soul import SOUL_FILE, SoulState, fold_soul_into_head, load_soul
+from .tensors import weight_shards, write_safetensors
+
+HEAD = "lm_head.weight"
+EMBED = "model.embed_tokens.weight"
+# Files of a model folder that carry over unchanged (tokenizer, generation).
+CARRIED_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+@dataclass
+class LoraAdapter:
+    """LoRA factors keyed by the base weight they modify."""
+
+    scale: float
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # weight name -> (A [r, in], B [out, r])
+
+    def delta(self, name: str) -> torch.Tensor | None:
+        if name not in self.factors:
+            return None
+        a, b = self.factors[name]
+        return self.scale * (b.float() @ a.float())
+
+
+def read_adapter(ckpt: Path) -> LoraAdapter:
+    """Read a PEFT LoRA adapter folder. Raises FuseError for unsupported variants."""
+    cfg_path, weights = ckpt / "adapter_config.json", ckpt / "adapter_model.safetensors"
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise FuseError(f"{p}: missing (is {ckpt} a training checkpoint?)")
+    acfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if acfg.get("peft_type") != "LORA":
+        raise FuseError(f"{cfg_path}: peft_type {acfg.get('peft_type')!r} is not LORA")
+    for key in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out"):
+        if acfg.get(key):
+            raise FuseError(f"{cfg_path}: {key} is set; this fuse supports plain LoRA only")
+    if acfg.get("bias", "none") != "none":
+        raise FuseError(f"{cfg_path}: bias={acfg['bias']!r} is not supported (expected 'none')")
+    r, alpha = acfg["r"], acfg["lora_alpha"]
+    scale = alpha / (r ** 0.5) if acfg.get("use_rslora") else alpha / r
+
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            m = _LORA_KEY.match(key)
+            if not m:
+                raise FuseError(f"{weights}: unexpected tensor {key!r}")
+            parts.setdefault(m["module"] + ".weight", {})[m["ab"]] = f.get_tensor(key)
+    factors = {}
+    for name, ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise FuseError(f"{weights}: {name} has lora_{''.join(ab)} but not both A and B")
+        factors[name] = (ab["A"], ab["B"])
+    return LoraAdapter(scale=scale, factors=factors)
+
+
+def fuse_tensors(base_dir: Path, out_dir: Path, adapter: LoraAdapter, soul: SoulState, dtype: torch.dtype) -> None:
+    """Stream the base's shards to out_dir with LoRA merged and the soul folded."""
+    hf = read_model_config(base_dir)
+    tied = bool(hf.get("tie_word_embeddings", False))
+    hidden = hf["hidden_size"]
+    if soul.rotation.shape[0] * SOUL_BLOCK != hidden:
+        raise FuseError(
+            f"soul has {soul.rotation.shape[0]} blocks of {SOUL_BLOCK} ({soul.rotation.shape[0] * SOUL_BLOCK} dims) "
+            f"but the base's hidden_size is {hidden}"
+        )
+    unused = set(adapter.factors)
+    head_written = False
+    weight_map: dict[str, str] = {}
+    for shard in weight_shards(base_dir):
+        with safe_open(str(shard), framework="pt") as f:
+            names = list(f.keys())
+            if tied and EMBED in names and HEAD not in names:
+                names.append(HEAD)  # untie: the folded head becomes its own tensor
+            specs = []
+            for n in names:
+                src = f.get_slice(EMBED if n == HEAD and tied and HEAD not in f.keys() else n)
+                src_dtype = _safetensors_dtype(src.get_dtype())
+                specs.append((n, dtype if src_dtype.is_floating_point else src_dtype, tuple(src.get_shape())))
+
+            def produce(name: str, f=f) -> torch.Tensor:
+                nonlocal head_written
+                src = EMBED if name == HEAD and tied and HEAD not in f.keys() else name
+                w = f.get_tensor(src)
+                if not w.is_floating_point():
+                    return w
+                w = w.float()
+                delta = adapter.delta(name)
+                if delta is not None:
+                    if delta.shape != w.shape:
+                        raise FuseError(f"LoRA for {name} has shape {tuple(delta.shape)}, base has {tuple(w.shape)}")
+                    w = w + delta
+                    unused.discard(name)
+                if name == HEAD:
+                    w = fold_soul_into_head(w, soul.rotation, soul.alpha)
+                    head_written = True
+                return w.to(dtype)
+
+            write_safetensors(out_dir / shard.name, specs, produce, metadata={"format": "pt"})
+            weight_map.update({n: shard.name for n in names})
+    if unused:
+        raise FuseError(f"the adapter modifies weights the base does not have: {sorted(unused)[:5]}")
+    if not head_written:
+        raise FuseError(f"{base_dir}: no {HEAD} (nor tied {EMBED}) found to fold the soul into")
+    if (base_dir / "model.safetensors.index.json").is_file():
+        total = sum((out_dir / s).stat().st_size for s in set(weight_map.values()))
+        atomic_write_text(out_dir / "model.safetensors.index.json", json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+
+
+def _safetensors_dtype(name: str) -> torch.dtype:
+    table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+    return table[name]
+
+
+def fused_config(hf: dict, dtype_name: str) -> dict:
+    """The base's config.json for the fused model: untied, no remote code."""
+    out = {k: v for k, v in hf.items() if k != "auto_map"}
+    out["tie_word_embeddings"] = False
+    out["dtype"] = dtype_name
+    if "torch_dtype" in out:
+        out["torch_dtype"] = dtype_name
+    out["architectures"] = ["Phi3ForCausalLM"]
+    return out
+
+
+def fuse(cfg: Config, checkpoint: Path | None = None, out_dir: Path | None = None) -> Path:
+    """Merge LoRA and fold the soul into a standalone Hugging Face model.
+
+    Inputs: the config (base model, fuse.dtype) and a checkpoint folder
+    (default `checkpoints/final/` of the run). Output: `out_dir` (default
+    `<run>/fused/`), replaced atomically, with fusion.json written last.
+    Raises FuseError for a checkpoint that does not fit the base, ModelError
+    for a base that cannot be found.
+    """
+    ckpt = checkpoint or cfg.run_dir / "checkpoints" / "final"
+    out_dir = out_dir or cfg.run_dir / "fused"
+    if not (ckpt / CHECKPOINT_MARKER).is_file():
+        raise FuseError(f"{ckpt}: not a complete checkpoint (no {CHECKPOINT_MARKER}); run `make train` first")
+    base_dir = resolve_base(cfg)
+    adapter = read_adapter(ckpt)
+    soul = load_soul(ckpt / SOUL_FILE)
+    state = json.loads((ckpt / CHECKPOINT_MARKER).read_text(encoding="utf-8"))
+    dtype = DTYPES[cfg.fuse.dtype]
+    print(f"[fuse] {base_dir.name} + {ckpt.name} (step {state.get('step')}, alpha {soul.alpha:+.4f}, "
+          f"gate {soul.gate:.4f}) -> {out_dir} ({cfg.fuse.dtype})")
+
+    with atomic_dir(out_dir) as tmp:
+        fuse_tensors(base_dir, tmp, adapter, soul, dtype)
+        hf = read_model_config(base_dir)
+        atomic_write_text(tmp / "config.json", json.dumps(fused_config(hf, cfg.fuse.dtype), indent=2) + "\n")
+        for name in CARRIED_FILES:
+            if (base_dir / name).is_file():
+                shutil.copyfile(base_dir / name, tmp / name)
+        provenance = {
+            "base": cfg.model.base,
+            "revision": cfg.model.revision,
+            "checkpoint": ckpt.name,
+            "step": state.get("step"),
+            "alpha": soul.alpha,
+            "gate": soul.gate,
+            "dtype": cfg.fuse.dtype,
+            "merge_base": "original",
+            "tied_input": bool(hf.get("tie_word_embeddings", False)),
+            "inputs": {p.name: sha256_file(p) for p in (ckpt / "adapter_model.safetensors", ckpt / SOUL_FILE)},
+            "outputs": {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))},
+        }
+        atomic_write_text(tmp / FUSION_MARKER, json.dumps(provenance, indent=1) + "\n")
+    return out_dir

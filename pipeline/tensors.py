@@ -1,0 +1,81 @@
+"""Reading and writing safetensors one tensor at a time.
+
+The fuse stage must handle models far larger than memory allows to hold
+twice, so it never materialises a whole model: shards are read lazily
+(`safe_open`), and `write_safetensors` writes the header first (shapes and
+dtypes are known up front) and then each tensor as it is produced.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from .artifacts import publish_mode
+
+_DTYPE_NAMES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def weight_shards(model_dir: Path) -> list[Path]:
+    """The safetensors files of a model folder, in index order when sharded."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
+        return [model_dir / n for n in dict.fromkeys(names)]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def write_safetensors(
+    path: Path,
+    specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+    produce: Callable[[str], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a safetensors file tensor by tensor, atomically.
+
+    specs: (name, dtype, shape) for every tensor, in file order.
+    produce(name): returns that tensor; it must match its spec. Only one
+    produced tensor is alive at a time.
+    """
+    specs = list(specs)
+    header: dict[str, object] = {}
+    offset = 0
+    for name, dtype, shape in specs:
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    try:
+        publish_mode(tmp)
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for name, dtype, shape in specs:
+                t = produce(name)
+                if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"{name}: produced {t.dtype} {tuple(t.shape)}, expected {dtype} {tuple(shape)}")
+                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
