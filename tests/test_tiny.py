@@ -1,0 +1,251 @@
+"""The tiny offline Phi-3: layout, determinism, tokenizer, and parity with llama.cpp's tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline import tiny
+from pipeline.tiny import build_tiny_phi3
+
+MESSAGES = [
+    {"role": "system", "content": "あなたは親切なアシスタントです。"},
+    {"role": "user", "content": "黄金比とは何ですか？"},
+    {"role": "assistant", "content": "約1.618の比です。"},
+    {"role": "user", "content": "Thank you! 😀"},
+]
+# Phi-3.5-mini-instruct's rendering of MESSAGES with add_generation_prompt=True.
+RENDERED = (
+    "<|system|>\nあなたは親切なアシスタントです。<|end|>\n"
+    "<|user|>\n黄金比とは何ですか？<|end|>\n"
+    "<|assistant|>\n約1.618の比です。<|end|>\n"
+    "<|user|>\nThank you! 😀<|end|>\n"
+    "<|assistant|>\n"
+)
+EXPECTED_FILES = {
+    "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+}
+# Strings whose tokenization HF and llama.cpp must agree on.
+TEXTS = [
+    "今日は東京へ行きます。",
+    "こんにちは、田中さん。お元気ですか？",
+    "カタカナとひらがなと漢字、そして龘という珍しい字。",
+    "Hello world! How are you today?",
+    " leading space",
+    "   three leading spaces and trailing  ",
+    "digits 1234567890 and the golden ratio 1.6180339887",
+    "絵文字😀🎉とテスト👍🏽",
+    "改行\nあり\n\n二つ",
+    "tab\tseparated\tvalues",
+    "Mixed 日本語 and English, 2025年11月22日.",
+    "",
+    " ",
+    "<|user|>直後に文字<|end|>",
+    "text<|end|>\n\n<|assistant|>  spaces after a special token",
+    "<s>bos in text</s> and <unk>",
+    RENDERED,
+]
+
+
+def _sha256s(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_phi3_dir):
+    return AutoTokenizer.from_pretrained(tiny_phi3_dir)
+
+
+def test_folder_has_phi3_layout(tiny_phi3_dir, tokenizer):
+    assert {p.name for p in tiny_phi3_dir.iterdir()} == EXPECTED_FILES
+    config = json.loads((tiny_phi3_dir / "config.json").read_text())
+    assert config["architectures"] == ["Phi3ForCausalLM"]
+    assert config["dtype"] == "float32"
+    assert config["rope_parameters"]["rope_type"] == "default"
+    assert config["max_position_embeddings"] == 4096
+    # Phi-3 pads its vocab to a multiple of 64 (32011 -> 32064); llama.cpp names the rest [PADn].
+    assert config["vocab_size"] % 64 == 0 and config["vocab_size"] >= len(tokenizer)
+    n_sp = tiny.SPM_VOCAB_SIZE
+    assert len(tokenizer) == n_sp + len(tiny.PHI3_ADDED_TOKENS)
+    assert (tokenizer.unk_token_id, tokenizer.bos_token_id) == (0, 1)
+    assert tokenizer.eos_token == tokenizer.pad_token == "<|endoftext|>"
+    assert config["bos_token_id"] == 1
+    assert config["eos_token_id"] == config["pad_token_id"] == tokenizer.eos_token_id == n_sp
+    generation = json.loads((tiny_phi3_dir / "generation_config.json").read_text())
+    end, assistant, endoftext = tokenizer.convert_tokens_to_ids(["<|end|>", "<|assistant|>", "<|endoftext|>"])
+    assert generation["eos_token_id"] == [end, assistant, endoftext]
+
+
+def test_model_loads_in_float32(tiny_phi3_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_phi3_dir)
+    assert type(model).__name__ == "Phi3ForCausalLM"
+    assert model.dtype == torch.float32
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+
+
+def test_rebuild_is_byte_identical(tiny_phi3_dir, tmp_path):
+    again = build_tiny_phi3(tmp_path / "again")
+    assert _sha256s(again) == _sha256s(tiny_phi3_dir)
+
+
+def test_seed_changes_weights_only(tiny_phi3_dir, tmp_path):
+    other = _sha256s(build_tiny_phi3(tmp_path / "seed1", seed=1))
+    base = _sha256s(tiny_phi3_dir)
+    assert other["model.safetensors"] != base["model.safetensors"]
+    assert {k: v for k, v in other.items() if k != "model.safetensors"} == {
+        k: v for k, v in base.items() if k != "model.safetensors"
+    }
+
+
+def test_build_replaces_a_folder_only_on_success(tmp_path, monkeypatch):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(tiny, "_write_model", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_tiny_phi3(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+
+    monkeypatch.undo()
+    build_tiny_phi3(out)
+    assert {p.name for p in out.iterdir()} == EXPECTED_FILES
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+@pytest.mark.parametrize("kwargs", [{"hidden_size": 250}, {"num_heads": 0}, {"hidden_size": 12, "num_heads": 4}])
+def test_bad_shape_is_rejected(tmp_path, kwargs):
+    with pytest.raises(ValueError):
+        build_tiny_phi3(tmp_path / "bad", **kwargs)
+    assert not any(tmp_path.iterdir())
+
+
+def test_chat_template_renders_like_phi35(tokenizer, tiny_phi3_dir):
+    assert tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) == RENDERED
+    # Without a generation prompt Phi-3.5 closes with eos; an empty system message is dropped.
+    closed = tokenizer.apply_chat_template(
+        [{"role": "system", "content": ""}, *MESSAGES[1:3]], tokenize=False, add_generation_prompt=False
+    )
+    assert closed == "<|user|>\n黄金比とは何ですか？<|end|>\n<|assistant|>\n約1.618の比です。<|end|>\n<|endoftext|>"
+    assert (tiny_phi3_dir / "chat_template.jinja").read_text() == tiny.PHI3_CHAT_TEMPLATE
+
+
+def test_special_tokens_are_single_ids_in_phi3_order(tokenizer):
+    first = tiny.SPM_VOCAB_SIZE
+    for offset, token in enumerate(tiny.PHI3_ADDED_TOKENS):
+        assert tokenizer(token, add_special_tokens=False)["input_ids"] == [first + offset]
+        assert tokenizer(f"前{token}後", add_special_tokens=False)["input_ids"].count(first + offset) == 1
+    assert tokenizer("<s></s><unk>", add_special_tokens=False)["input_ids"] == [1, 2, 0]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_encodings_are_sane(tokenizer, text):
+    ids = tokenizer(text)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id
+    assert tokenizer.unk_token_id not in ids[1:] or "<unk>" in text
+    if "<" not in text:
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_chat_turns_tokenize_to_whole_special_tokens(tokenizer):
+    ids = tokenizer(RENDERED)["input_ids"]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    assert tokens[:2] == ["<s>", "<|system|>"]
+    assert tokens.count("<|end|>") == 4 and tokens.count("<|user|>") == 2 and tokens.count("<|assistant|>") == 2
+    assert tokens[-1] == "<|assistant|>"
+
+
+def _top1_probability(model_dir: Path, tokenizer) -> tuple[float, torch.Tensor]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.eval()
+    ids = torch.tensor([tokenizer(RENDERED)["input_ids"]])
+    with torch.no_grad():
+        logits = model(ids).logits[0]
+    return logits.softmax(-1).max(-1).values.mean().item(), logits
+
+
+def test_logits_are_not_flat(tiny_phi3_dir, tokenizer):
+    top1, logits = _top1_probability(tiny_phi3_dir, tokenizer)
+    assert top1 > 50 / logits.shape[-1]
+    # Different positions (contexts) give different predictions.
+    assert len(set(logits.argmax(-1).tolist())) > 3
+
+
+def test_tied_variant(tiny_phi3_tied_dir, tiny_phi3_dir, tokenizer):
+    config = json.loads((tiny_phi3_tied_dir / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True
+    with safe_open(tiny_phi3_tied_dir / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    model = AutoModelForCausalLM.from_pretrained(tiny_phi3_tied_dir)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    top1, logits = _top1_probability(tiny_phi3_tied_dir, tokenizer)
+    assert top1 > 50 / logits.shape[-1]
+    for name in EXPECTED_FILES - {"config.json", "model.safetensors"}:
+        assert (tiny_phi3_tied_dir / name).read_bytes() == (tiny_phi3_dir / name).read_bytes()
+
+
+@pytest.mark.parametrize("hidden_size", [128, 512])
+def test_other_hidden_sizes(tmp_path, hidden_size):
+    folder = build_tiny_phi3(tmp_path / "m", hidden_size=hidden_size, intermediate_size=2 * hidden_size)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.hidden_size == hidden_size
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 300, 301]])).logits
+    assert logits.shape == (1, 3, model.config.vocab_size)
+    assert logits.softmax(-1).max().item() > 50 / model.config.vocab_size
+
+
+# --- parity with llama.cpp's tokenizer --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    """The llama_cpp bindings, pointed at the pinned build's shared libraries; skips when missing."""
+    from pipeline import llamacpp
+
+    try:
+        lib = llamacpp.library_dir()
+    except llamacpp.ToolchainError as err:
+        pytest.skip(f"llama.cpp toolchain not built: {err}")
+    os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(lib))
+    try:
+        import llama_cpp
+    except Exception as err:  # ImportError, or OSError from loading the shared library
+        pytest.skip(f"llama_cpp bindings do not import: {err}")
+    return llama_cpp
+
+
+# The converter names the GGUF after the folder (general.name) unless told otherwise, and llama.cpp
+# gives Phi-3's special tokens their rstrip (as in tokenizer.json) only when that name contains
+# "phi3" or "phi-3". Without it, "<|user|>\nこんにちは" keeps its newline in llama.cpp but not in HF.
+@pytest.mark.parametrize("folder_name", ["tiny-phi3", "fused"])
+def test_llama_cpp_tokenizes_like_hf(llama_cpp, tiny_phi3_dir, tokenizer, tmp_path, folder_name):
+    from pipeline import llamacpp
+
+    model_dir = tmp_path / folder_name
+    shutil.copytree(tiny_phi3_dir, model_dir)
+    gguf = llamacpp.convert_hf_to_gguf(model_dir, tmp_path / "tiny.gguf", "f32")
+    vocab = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    for text in TEXTS:
+        hf_ids = tokenizer(text)["input_ids"]
+        cpp_ids = vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        assert cpp_ids == hf_ids, f"{text!r}: llama.cpp {tokenizer.convert_ids_to_tokens(cpp_ids)}"
