@@ -1,0 +1,70 @@
+# The pipeline as a DAG of file targets, one rule per artifact, one command per recipe:
+#
+#   base model + data -> checkpoints/final -> fused/ -> gguf/<run>-f16.gguf
+#     -> gguf/<run>-q4_k_m.gguf -> Modelfile -> ollama.json (registered)
+#
+# The Makefile calls this after setting up the environment:
+#   make -f pipeline.mk <target> CONFIG=config.yaml
+# Paths come from `python -m pipeline plan`, which also rewrites each stage's
+# config stamp (stamps/<stage>.stamp) only when that stage's keys change.
+
+CONFIG ?= config.yaml
+PY     ?= .venv/bin/python
+PIPE   := $(PY) -m pipeline
+
+.DELETE_ON_ERROR:
+.SUFFIXES:
+
+# Validate the config, refresh the stamps, and learn the artifact paths. A bad
+# config prints its problems (on stderr) and stops here, before anything is built.
+PLAN_FILE := $(shell $(PIPE) plan --config $(CONFIG))
+ifneq ($(.SHELLSTATUS),0)
+$(error $(CONFIG) is not usable (see above))
+endif
+include $(PLAN_FILE)
+
+# One line per stage saying what it builds and why.
+why = $(if $(wildcard $@),$(patsubst $(RUN_DIR)/%,%,$?) changed,$(patsubst $(RUN_DIR)/%,%,$@) does not exist)
+announce = @echo "==> [$(1)] building $(patsubst $(RUN_DIR)/%,%,$@) because $(why)"
+
+.PHONY: train fuse gguf modelfile ollama
+train: $(CHECKPOINT)
+fuse: $(FUSED)
+gguf: $(QUANTIZED)
+modelfile: $(MODELFILE)
+ollama: $(OLLAMA_STAMP)
+
+$(CHECKPOINT): $(STAMP_DIR)/train.stamp $(DATA) $(BASE_DEPS)
+	$(call announce,train)
+	$(PIPE) train --config $(CONFIG)
+
+$(FUSED): $(CHECKPOINT) $(STAMP_DIR)/fuse.stamp
+	$(call announce,fuse)
+	$(PIPE) fuse --config $(CONFIG)
+
+$(CONVERTED): $(FUSED) $(STAMP_DIR)/convert.stamp
+	$(call announce,convert)
+	$(PIPE) convert --config $(CONFIG)
+
+$(QUANTIZED): $(GGUF_DIR)/$(RUN_NAME)-%.gguf: $(CONVERTED)
+	$(call announce,quantize)
+	$(PIPE) quantize --config $(CONFIG) --type $*
+
+# The Modelfile's text depends on config and template only; the GGUF it names
+# must exist (order-only), and a new GGUF re-runs registration, not rendering.
+$(MODELFILE): $(STAMP_DIR)/modelfile.stamp $(FAMILY_TEMPLATE) | $(SERVED_GGUF)
+	$(call announce,modelfile)
+	$(PIPE) modelfile --config $(CONFIG)
+
+$(OLLAMA_STAMP): $(MODELFILE) $(SERVED_GGUF) $(STAMP_DIR)/register.stamp
+	$(call announce,ollama)
+	$(PIPE) register --config $(CONFIG)
+
+# For `make demo`: register when an Ollama is reachable, else say how to get one and stop cleanly.
+.PHONY: ollama-if-available
+ollama-if-available: $(MODELFILE)
+	@if $(PIPE) ollama-status --config $(CONFIG); then \
+	  $(MAKE) --no-print-directory -f pipeline.mk ollama CONFIG=$(CONFIG) PY=$(PY); \
+	else \
+	  echo "==> demo finished after the Modelfile: Ollama registration skipped (see above)"; \
+	fi

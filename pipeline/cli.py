@@ -1,0 +1,148 @@
+"""`python -m pipeline <command> --config FILE`: one command per stage.
+
+The Makefile calls these; they also work on their own. Every command loads
+and validates the config first, so a bad config stops before anything is
+written. Exit codes: 0 done, 1 a stage failed, 2 bad config or input,
+3 Ollama not available (`ollama-status`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .config import load_config
+from .errors import PipelineError
+
+EXIT_NO_OLLAMA = 3
+
+
+def _cmd_plan(args) -> int:
+    from .plan import write_plan
+
+    print(write_plan(load_config(args.config)))
+    return 0
+
+
+def _cmd_check(args) -> int:
+    cfg = load_config(args.config)
+    print(f"{args.config}: OK (run {cfg.run.name!r}, artifacts in {cfg.run_dir})")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .train import train
+
+    train(load_config(args.config))
+    return 0
+
+
+def _cmd_fuse(args) -> int:
+    from .fuse import fuse
+
+    fuse(load_config(args.config), checkpoint=args.checkpoint, out_dir=args.out)
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from .gguf import convert
+
+    convert(load_config(args.config))
+    return 0
+
+
+def _cmd_quantize(args) -> int:
+    from .gguf import quantize
+
+    quantize(load_config(args.config), args.type)
+    return 0
+
+
+def _cmd_modelfile(args) -> int:
+    from .ollama import write_modelfile
+
+    write_modelfile(load_config(args.config))
+    return 0
+
+
+def _cmd_register(args) -> int:
+    from .ollama import register
+
+    register(load_config(args.config))
+    return 0
+
+
+def _cmd_ollama_status(args) -> int:
+    from .ollama import how_to_get_ollama, unavailable_reason
+
+    cfg = load_config(args.config)
+    reason = unavailable_reason()
+    if reason:
+        print(how_to_get_ollama(reason, cfg))
+        return EXIT_NO_OLLAMA
+    return 0
+
+
+def _cmd_tiny_model(args) -> int:
+    from .hf import quiet_transformers
+    from .tiny import build_tiny_phi3
+
+    quiet_transformers()
+    out = build_tiny_phi3(args.out, hidden_size=args.hidden_size, tie_word_embeddings=args.tied, seed=args.seed)
+    print(f"[tiny-model] wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func, help_: str, config: bool = True) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        if config:
+            sp.add_argument("--config", type=Path, required=True, help="run config (YAML), e.g. config.yaml")
+        sp.set_defaults(func=func)
+        return sp
+
+    command("check-config", _cmd_check, "Validate a config and report every problem at once.")
+    command("plan", _cmd_plan, "Write the run's config stamps and plan.mk for Make; print plan.mk's path.")
+    command("train", _cmd_train,
+            "Train LoRA + soul; write checkpoints/step_NNNNNN/ and checkpoints/final/ and metrics.jsonl.")
+    sp = command("fuse", _cmd_fuse, "Merge LoRA into the 16-bit base and fold the soul into the LM head.")
+    sp.add_argument("--checkpoint", type=Path, help="checkpoint folder (default: the run's checkpoints/final)")
+    sp.add_argument("--out", type=Path, help="output folder (default: the run's fused/)")
+    command("convert", _cmd_convert, "Convert the fused model to GGUF (gguf.outtype) with the pinned llama.cpp.")
+    sp = command("quantize", _cmd_quantize, "Quantize the converted GGUF with llama-quantize.")
+    sp.add_argument("--type", required=True, help="one of gguf.quantizations, e.g. Q4_K_M")
+    command("modelfile", _cmd_modelfile, "Render the Ollama Modelfile for the run.")
+    command("register", _cmd_register, "Register the model with Ollama (`ollama create`) and write ollama.json.")
+    command("ollama-status", _cmd_ollama_status,
+            "Exit 0 when Ollama is reachable; else say how to get one and exit 3.")
+    sp = command("tiny-model", _cmd_tiny_model, "Build the tiny offline Phi-3 demo base model.", config=False)
+    sp.add_argument("--out", type=Path, required=True, help="output folder")
+    sp.add_argument("--hidden-size", type=int, default=256)
+    sp.add_argument("--tied", action="store_true", help="tie the LM head to the input embeddings")
+    sp.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def quiet_libraries() -> None:
+    """Keep stage output to what the stage says: no per-file progress bars or
+    deprecation notices from the libraries underneath."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_libraries()
+    try:
+        return args.func(args)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code

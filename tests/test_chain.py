@@ -1,0 +1,148 @@
+"""The whole chain through Make, and Make's idea of what is stale.
+
+Runs pipeline.mk (the DAG the Makefile hands its stage targets to) on the
+tiny model with a test config, then changes one thing at a time and checks
+which artifacts were rewritten.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, small_config, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def needs_llama_cpp():
+    from pipeline import llamacpp
+
+    try:
+        llamacpp.require_install()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"pinned llama.cpp not built ({e}); `make test` builds it")
+
+
+def make(config: Path, target: str = "modelfile") -> subprocess.CompletedProcess:
+    env = {**os.environ, "MAKEFLAGS": ""}
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "-f", "pipeline.mk", target, f"CONFIG={config}", f"PY={sys.executable}"],
+        cwd=REPO, capture_output=True, text=True, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def snapshot(run_dir: Path) -> dict[str, tuple[int, str]]:
+    """relative path -> (mtime_ns, sha256) of every file of the run."""
+    out = {}
+    for p in sorted(run_dir.rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(run_dir))] = (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+def changed(before: dict, after: dict) -> set[str]:
+    """Files rewritten, added or removed; plan.mk (paths for Make) is not an artifact."""
+    diff = {k for k in after if before.get(k) != after[k]} | (set(before) - set(after))
+    return diff - {"plan.mk"}
+
+
+def top(paths: set[str]) -> set[str]:
+    """Group changed files by artifact: checkpoints/final, fused, gguf/x.gguf, Modelfile, stamps/x."""
+    groups = set()
+    for p in paths:
+        parts = p.split("/")
+        groups.add("/".join(parts[:2]) if parts[0] in ("checkpoints", "gguf", "stamps") else parts[0])
+    return groups
+
+
+@pytest.fixture(scope="module")
+def chain(tiny_phi3_dir, tmp_path_factory):
+    needs_llama_cpp()
+    root = tmp_path_factory.mktemp("chain")
+    cfg = small_config(tiny_phi3_dir, root / "build")
+    path = write_config(root / "config.yaml", cfg)
+    first = make(path)
+    return path, cfg, root / "build" / "t", first
+
+
+def test_first_run_builds_every_artifact(chain):
+    _, _, run, first = chain
+    for rel in ("checkpoints/final/checkpoint.json", "checkpoints/step_000003/soul.safetensors",
+                "checkpoints/final/adapter_model.safetensors", "fused/fusion.json", "fused/model.safetensors",
+                "gguf/t-f16.gguf", "gguf/t-q4_k_m.gguf", "Modelfile"):
+        assert (run / rel).is_file(), rel
+    for stage in ("train", "fuse", "convert", "quantize", "modelfile"):
+        assert f"==> [{stage}] building" in first.stdout
+    assert "does not exist" in first.stdout
+    assert not list(run.rglob(".tmp-*")), "temporary files left behind"
+
+
+def test_second_run_does_nothing(chain):
+    path, _, run, _ = chain
+    before = snapshot(run)
+    t0 = time.monotonic()
+    proc = make(path)
+    elapsed = time.monotonic() - t0
+    assert "==>" not in proc.stdout, proc.stdout
+    assert snapshot(run) == before
+    assert elapsed < 5, f"a no-op make took {elapsed:.1f}s"
+
+
+def test_touching_the_config_rebuilds_nothing(chain):
+    path, _, run, _ = chain
+    before = snapshot(run)
+    os.utime(path)
+    proc = make(path)
+    assert "==>" not in proc.stdout and snapshot(run) == before
+
+
+def test_new_system_prompt_rebuilds_only_the_modelfile(chain):
+    path, cfg, run, _ = chain
+    before = snapshot(run)
+    cfg = {**cfg, "ollama": {**cfg["ollama"], "system": "あなたは俳句の先生です。"}}
+    write_config(path, cfg)
+    proc = make(path)
+    assert top(changed(before, snapshot(run))) == {"Modelfile", "stamps/modelfile.stamp"}
+    assert "==> [modelfile] building Modelfile because stamps/modelfile.stamp changed" in proc.stdout
+    assert "あなたは俳句の先生です。" in (run / "Modelfile").read_text(encoding="utf-8")
+
+
+def test_new_quantization_rebuilds_from_quantize_on(chain):
+    path, cfg, run, _ = chain
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    before = snapshot(run)
+    write_config(path, {**cfg, "gguf": {**cfg["gguf"], "quantizations": ["Q8_0"]}})
+    make(path)
+    groups = top(changed(before, snapshot(run)))
+    assert groups == {"gguf/t-q8_0.gguf", "Modelfile", "stamps/modelfile.stamp"}
+    assert "FROM ./gguf/t-q8_0.gguf" in (run / "Modelfile").read_text(encoding="utf-8")
+
+
+def test_new_fuse_dtype_rebuilds_fuse_onward_but_not_training(chain):
+    path, cfg, run, _ = chain
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    before = snapshot(run)
+    write_config(path, {**cfg, "fuse": {"dtype": "float16"}})
+    make(path)
+    groups = top(changed(before, snapshot(run)))
+    assert {"fused", "gguf/t-f16.gguf", "gguf/t-q8_0.gguf", "stamps/fuse.stamp"} <= groups
+    assert not any(g.startswith("checkpoints") for g in groups)
+    assert "Modelfile" not in groups  # same text: registration, not rendering, follows a new GGUF
+
+
+def test_bad_config_stops_make_before_anything(tiny_phi3_dir, tmp_path):
+    path = write_config(tmp_path / "bad.yaml", small_config(tiny_phi3_dir, tmp_path / "b", soul={"warmup_steps": 99}))
+    proc = subprocess.run(["make", "--no-print-directory", "-f", "pipeline.mk", "modelfile", f"CONFIG={path}",
+                           f"PY={sys.executable}"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "soul.warmup_steps + soul.anneal_steps" in proc.stderr
+    assert not (tmp_path / "b").exists()
