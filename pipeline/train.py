@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +24,14 @@ from pathlib import Path
 import torch
 
 from .artifacts import atomic_dir, atomic_write_text
+from .checkpoint import (
+    STATE_JSON, checkpoint_name, complete_steps, load_trainer_state, read_marker, remove_leftovers,
+    save_trainer_state,
+)
 from .config import CHECKPOINT_MARKER, Config
-from .data import collate, example_order, load_examples
+from .data import IGNORE, collate, example_order, load_examples
 from .hf import DTYPES, load_causal_lm, load_tokenizer, pick_device, resolve_base
-from .soul import SOUL_FILE, SO8Soul, SoulHead, alpha_at, orthogonality_error, phase_at, save_soul
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:06d}"
-
+from .soul import SOUL_FILE, SO8Soul, SoulHead, alpha_at, load_soul, orthogonality_error, phase_at, save_soul
 
 def use_nf4(cfg: Config, device: torch.device) -> bool:
     """`auto` means NF4 where CUDA is present, full precision elsewhere."""
@@ -84,6 +87,7 @@ class Trainer:
         if cfg.train.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.soul = soul_of(self.model)
+        self.base_ref = base_reference(cfg)
         lora_params = [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]
         self.optimizer = torch.optim.AdamW(
             [
@@ -99,21 +103,53 @@ class Trainer:
             f"{len(self.examples)} examples, {n_lora:,} LoRA + {self.soul.generator.numel():,} soul parameters"
         )
 
+    # -- resume --------------------------------------------------------------
+    def resume(self) -> int:
+        """Continue from the newest complete checkpoint of this same config.
+
+        Returns the step to start from (0 for a fresh run). Checkpoints of a
+        different config are stale: they are removed so they cannot mix with
+        this run's. Temporary folders left by a killed run are removed too.
+        """
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        remove_leftovers(self.ckpt_dir)
+        digest = self.cfg.section_digest("train")
+        latest = None
+        for step, folder, marker in complete_steps(self.ckpt_dir):
+            if marker.get("train_config_sha256") != digest:
+                self.log(f"[train] removing {folder.name}: it was trained with another config")
+                shutil.rmtree(folder)
+            elif (folder / STATE_JSON).is_file():
+                latest = (step, folder)
+        if latest is None:
+            return 0
+        step, folder = latest
+        set_peft_model_state_dict(self.model, load_file(str(folder / "adapter_model.safetensors")))
+        with torch.no_grad():
+            self.soul.generator.copy_(load_soul(folder / SOUL_FILE).generator)
+        restored = load_trainer_state(folder, self.optimizer)
+        self.log(f"[train] resuming from {folder.name} (step {restored} of {self.cfg.train.steps})")
+        return restored
+
     # -- train -------------------------------------------------------------
     def train(self) -> Path:
         cfg, t = self.cfg, self.cfg.train
+        first = self.resume()
         metrics_path = self.run_dir / "metrics.jsonl"
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        metrics = metrics_path.open("w", encoding="utf-8")
+        kept = read_metrics(metrics_path, up_to=first)
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        metrics = metrics_path.open("a", encoding="utf-8")
         per_step = t.batch_size * t.grad_accum
-        start = time.perf_counter()
+        start = time.perf_counter() - (kept[-1]["elapsed_s"] if kept else 0.0)
         autocast = torch.autocast(
             device_type=self.device.type, dtype=self.compute_dtype,
             enabled=self.device.type == "cuda" and self.compute_dtype != torch.float32,
         )
-        progress = make_progress(t.steps)
+        progress = make_progress(t.steps, initial=first)
         try:
-            for step in range(t.steps):
+            for step in range(first, t.steps):
                 alpha = alpha_at(step, cfg.soul)
                 self.soul.alpha.fill_(alpha)
                 lr_scale = min(1.0, (step + 1) / t.lr_warmup_steps) if t.lr_warmup_steps else 1.0
@@ -122,15 +158,18 @@ class Trainer:
 
                 t0 = time.perf_counter()
                 order = example_order(len(self.examples), step, per_step, cfg.run.seed)
+                batches = [collate([self.examples[i] for i in order[m * t.batch_size:(m + 1) * t.batch_size]],
+                                   self.pad_id) for m in range(t.grad_accum)]
+                # The loss is the mean over every trained token of the step, however
+                # it is split into micro-batches: each one adds its sum / the total.
+                n_trained = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
                 lm_loss, tokens = 0.0, 0
-                for m in range(t.grad_accum):
-                    batch = collate([self.examples[i] for i in order[m * t.batch_size:(m + 1) * t.batch_size]],
-                                    self.pad_id)
+                for batch in batches:
                     batch = {k: v.to(self.device) for k, v in batch.items()}
                     with autocast:
-                        out = self.model(**batch)
-                    (out.loss / t.grad_accum).backward()
-                    lm_loss += out.loss.item() / t.grad_accum
+                        out = self.model(**batch, num_items_in_batch=n_trained)
+                    out.loss.backward()
+                    lm_loss += out.loss.item()
                     tokens += int(batch["attention_mask"].sum())
                 rotation = self.soul.rotation()
                 ortho = orthogonality_error(rotation)
@@ -154,12 +193,12 @@ class Trainer:
                 metrics.write(json.dumps(row.__dict__) + "\n")
                 metrics.flush()
                 progress.update(row)
-                if (step + 1) % t.save_every == 0 and step + 1 < t.steps:
+                test_kill_point(f"step:{step + 1}")
+                if (step + 1) % t.save_every == 0 or step + 1 == t.steps:
                     self.save_checkpoint(step + 1, checkpoint_name(step + 1))
         finally:
             progress.close()
             metrics.close()
-        self.save_checkpoint(t.steps, checkpoint_name(t.steps))
         return self.save_checkpoint(t.steps, "final")
 
     # -- save_checkpoint -----------------------------------------------------
@@ -171,18 +210,42 @@ class Trainer:
         final = self.ckpt_dir / name
         with atomic_dir(final) as tmp:
             self.model.save_pretrained(str(tmp), safe_serialization=True)
+            test_kill_point(f"save:{step}")
             save_soul(tmp / SOUL_FILE, self.soul, step)
+            save_trainer_state(tmp, self.optimizer, step)
             atomic_write_text(tmp / CHECKPOINT_MARKER, json.dumps({
                 "step": step,
                 "alpha": float(self.soul.alpha),
                 "gate": float(self.soul.gate()),
-                "base": self.cfg.model.base,
-                "revision": self.cfg.model.revision,
+                "base": self.base_ref,
+                "revision": None if self.cfg.base_is_local() else self.cfg.model.revision,
                 "quantization": "nf4" if self.nf4 else "none",
                 "train_config_sha256": self.cfg.section_digest("train"),
             }, indent=1) + "\n")
         self.log(f"[train] wrote {final}")
         return final
+
+
+def read_metrics(path: Path, up_to: int) -> list[dict]:
+    """metrics.jsonl rows of steps <= up_to (what a resumed run keeps)."""
+    if up_to == 0 or not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            break  # a line cut by a kill ends the usable part
+        if row.get("step", 0) <= up_to:
+            rows.append(row)
+    return rows
+
+
+def test_kill_point(point: str) -> None:
+    """Test hook: AGIASI_TEST_KILL_AT=step:N or save:N kills the process there
+    with SIGKILL, so tests can interrupt training at an exact moment."""
+    if os.environ.get("AGIASI_TEST_KILL_AT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def wrap_with_lora_and_soul(model, cfg: Config, *, alpha: float):
@@ -205,12 +268,16 @@ def wrap_with_lora_and_soul(model, cfg: Config, *, alpha: float):
         p.requires_grad_(False)
     soul = SO8Soul(head.weight.shape[1], alpha=alpha).to(head.weight.device)
     inner.lm_head = SoulHead(head, soul)
-    # The adapter names the base as the user configured it (hub id), or by its
-    # absolute folder, so PeftModel.from_pretrained finds it from anywhere.
-    base_ref = str(cfg.resolve(cfg.model.base).resolve()) if cfg.base_is_local() else cfg.model.base
+    base_ref = base_reference(cfg)
     peft_model.peft_config["default"].base_model_name_or_path = base_ref
     peft_model.peft_config["default"].revision = None if cfg.base_is_local() else cfg.model.revision
     return peft_model
+
+
+def base_reference(cfg: Config) -> str:
+    """The base as checkpoints name it: the hub id, or the absolute local folder,
+    so that PeftModel.from_pretrained and `chat` find it from anywhere."""
+    return str(cfg.resolve(cfg.model.base).resolve()) if cfg.base_is_local() else cfg.model.base
 
 
 def soul_of(peft_model) -> SO8Soul:
@@ -225,10 +292,10 @@ def seed_everything(seed: int) -> None:
 class make_progress:  # noqa: N801 (used like a function)
     """A tqdm bar showing phase, alpha, gate, loss and tokens/s."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, initial: int = 0):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
     def update(self, m: StepMetrics) -> None:
         self.bar.set_postfix_str(
@@ -248,6 +315,11 @@ def train(cfg: Config) -> Path:
     (plus `step_NNNNNN/` folders and `metrics.jsonl` under the run folder).
     Raises ModelError (base model), DataError (dataset, naming file and line).
     """
+    final = cfg.final_checkpoint
+    marker = read_marker(final)
+    if marker and marker.get("train_config_sha256") == cfg.section_digest("train"):
+        print(f"[train] {final} is already trained with this config; nothing to do")
+        return final
     trainer = Trainer(cfg)
     trainer.setup()
     return trainer.train()
