@@ -85,6 +85,16 @@ def _cmd_ollama_status(args) -> int:
     return 0
 
 
+def _cmd_chat(args) -> int:
+    from .chat import chat
+    from .hf import quiet_transformers
+
+    quiet_transformers()
+    chat(args.checkpoint, prompt=args.prompt, system=args.system,
+         max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    return 0
+
+
 def _cmd_tiny_model(args) -> int:
     from .hf import quiet_transformers
     from .tiny import build_tiny_phi3
@@ -121,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     command("register", _cmd_register, "Register the model with Ollama (`ollama create`) and write ollama.json.")
     command("ollama-status", _cmd_ollama_status,
             "Exit 0 when Ollama is reachable; else say how to get one and exit 3.")
+    sp = command("chat", _cmd_chat, "Talk to a training checkpoint (base + LoRA + soul, as trained).", config=False)
+    sp.add_argument("--checkpoint", type=Path, required=True, help="e.g. build/demo/checkpoints/final")
+    sp.add_argument("--prompt", help="answer this one message and exit (default: read messages from stdin)")
+    sp.add_argument("--system", help="system prompt")
+    sp.add_argument("--max-new-tokens", type=int, default=128)
+    sp.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     sp = command("tiny-model", _cmd_tiny_model, "Build the tiny offline Phi-3 demo base model.", config=False)
     sp.add_argument("--out", type=Path, required=True, help="output folder")
     sp.add_argument("--hidden-size", type=int, default=256)

@@ -21,21 +21,27 @@ def resolve_base(cfg: Config) -> Path:
     are honoured by huggingface_hub). Raises ModelError naming `model.base`.
     """
     if cfg.base_is_local():
-        path = cfg.resolve(cfg.model.base)
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model.base: {path} is not a Hugging Face model folder (no config.json)")
-    else:
-        from huggingface_hub import snapshot_download
+        return usable_model_dir(cfg.resolve(cfg.model.base))
+    return usable_model_dir(fetch_from_hub(cfg.model.base, cfg.model.revision))
 
-        try:
-            path = Path(
-                snapshot_download(repo_id=cfg.model.base, revision=cfg.model.revision, allow_patterns=HUB_PATTERNS)
-            )
-        except Exception as e:  # network, auth, missing revision: all end here
-            raise ModelError(
-                f"model.base: cannot fetch {cfg.model.base}@{cfg.model.revision} from the Hugging Face hub "
-                f"({type(e).__name__}: {e}). Set HF_TOKEN for gated models, or point model.base at a local folder."
-            ) from None
+
+def fetch_from_hub(repo_id: str, revision: str | None) -> Path:
+    """Snapshot a hub model (weights as safetensors only) into the HF cache."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # network, auth, missing revision: all end here
+        raise ModelError(
+            f"model.base: cannot fetch {repo_id}@{revision} from the Hugging Face hub "
+            f"({type(e).__name__}: {e}). Set HF_TOKEN for gated models, or point model.base at a local folder."
+        ) from None
+
+
+def usable_model_dir(path: Path) -> Path:
+    """`path` if it is a Phi-3 model folder with safetensors weights; else ModelError."""
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model.base: {path} is not a Hugging Face model folder (no config.json)")
     hf = read_model_config(path)
     problems = check_base_architecture(hf, str(path / "config.json"))
     if problems:
@@ -100,4 +106,32 @@ def load_causal_lm(path: Path, *, nf4: bool, compute_dtype: torch.dtype, device:
     if not nf4:
         model.to(device)
     model.train()
+    if nf4:
+        guard_nf4_cpu_repack(model)
     return model
+
+
+def guard_nf4_cpu_repack(model) -> int:
+    """Keep bitsandbytes from silently breaking NF4 training on CPU.
+
+    On CPUs with AVX512-BF16, an eval-mode, no-grad forward through a
+    Linear4bit repacks its weight into a CPU-only layout for good; after that
+    no gradient flows through the frozen base and LoRA gradients are wrong
+    while the loss still falls. This turns that fast path off for every
+    Linear4bit of the model (call it before any forward) and returns how many
+    it guarded. Repacking cannot be undone exactly (the round trip changes
+    the weights by ~5e-4), so a model already repacked is refused.
+    """
+    import bitsandbytes as bnb
+
+    guarded = 0
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+                raise ModelError(
+                    f"{name}: bitsandbytes repacked this NF4 weight for CPU inference (an eval-mode forward "
+                    "ran first); training through it would give wrong gradients. Load the model again."
+                )
+            module.support_avx512bf16_for_cpu = False
+            guarded += 1
+    return guarded

@@ -30,7 +30,7 @@ from .checkpoint import (
 )
 from .config import CHECKPOINT_MARKER, Config
 from .data import IGNORE, collate, example_order, load_examples
-from .hf import DTYPES, load_causal_lm, load_tokenizer, pick_device, resolve_base
+from .hf import DTYPES, guard_nf4_cpu_repack, load_causal_lm, load_tokenizer, pick_device, resolve_base
 from .soul import SOUL_FILE, SO8Soul, SoulHead, alpha_at, load_soul, orthogonality_error, phase_at, save_soul
 
 def use_nf4(cfg: Config, device: torch.device) -> bool:
@@ -84,6 +84,8 @@ class Trainer:
             dtype=compute if self.device.type == "cuda" else torch.float32,
         )
         self.model = wrap_with_lora_and_soul(model, cfg, alpha=alpha_at(0, cfg.soul))
+        if self.nf4:
+            guard_nf4_cpu_repack(self.model)
         if cfg.train.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.soul = soul_of(self.model)
@@ -171,10 +173,12 @@ class Trainer:
                     out.loss.backward()
                     lm_loss += out.loss.item()
                     tokens += int(batch["attention_mask"].sum())
-                rotation = self.soul.rotation()
-                ortho = orthogonality_error(rotation)
                 if cfg.soul.ortho_weight:
+                    ortho = orthogonality_error(self.soul.rotation())
                     (cfg.soul.ortho_weight * ortho.square()).backward()
+                else:
+                    with torch.no_grad():
+                        ortho = orthogonality_error(self.soul.rotation())
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for g in self.optimizer.param_groups for p in g["params"]], t.max_grad_norm
                 )

@@ -111,3 +111,27 @@ def test_load_soul_names_a_broken_file(tmp_path):
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="soul.safetensors"):
         load_soul(bad)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-3, 0.1, 1.0, 10.0, 100.0])
+def test_skew_exp_matches_matrix_exp_and_stays_orthogonal(scale):
+    from pipeline.soul import rotation_from_generator, skew_exp
+
+    a = torch.randn(16, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * scale
+    s = a - a.transpose(-1, -2)
+    assert torch.allclose(skew_exp(s), torch.linalg.matrix_exp(s), atol=1e-9 * max(1.0, scale))
+    r = rotation_from_generator(a.float())
+    assert orthogonality_error(r) < 1e-5
+    assert torch.allclose(torch.linalg.det(r.double()), torch.ones(16, dtype=torch.float64), atol=1e-5)
+
+
+def test_rotation_gradients_match_matrix_exp():
+    from pipeline.soul import rotation_from_generator
+
+    a = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    w = torch.randn(4, 8, 8)
+    (rotation_from_generator(a) * w).sum().backward()
+    ours = a.grad.clone()
+    a.grad = None
+    (torch.linalg.matrix_exp(a - a.transpose(-1, -2)) * w).sum().backward()
+    assert torch.allclose(ours, a.grad, atol=1e-5)
