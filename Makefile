@@ -2,20 +2,21 @@
 #
 #   make demo            the whole chain on a tiny offline model, on CPU (start here)
 #   make test            the test suite
-#   make train|fuse|gguf|modelfile|ollama [CONFIG=config.yaml]
+#   make train|fuse|gguf|modelfile|ollama [CONFIG=config.yaml] [NPROC=2]
 #   make help            everything else
 #
 # This file sets up the environment (virtual env, pinned llama.cpp) and hands
 # the pipeline targets to pipeline.mk, which holds the artifact DAG.
 
 CONFIG  ?= config.yaml
+NPROC   ?= 1
 PYTHON  ?= python3
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 TINY    := build/tiny-phi3
 PYTEST_ARGS ?=
 
-SUBMAKE := $(MAKE) --no-print-directory -f pipeline.mk PY=$(PY)
+SUBMAKE := $(MAKE) --no-print-directory -f pipeline.mk PY=$(PY) NPROC=$(NPROC)
 VENV_READY := $(VENV)/.installed
 LLAMA_READY := $(VENV)/.llama-cpp
 

@@ -10,7 +10,10 @@
 
 CONFIG ?= config.yaml
 PY     ?= .venv/bin/python
+NPROC  ?= 1
 PIPE   := $(PY) -m pipeline
+# NPROC>1: the same training in NPROC processes (DDP through torchrun), one per GPU.
+TRAIN  := $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc-per-node=$(NPROC) -m pipeline,$(PIPE)) train
 
 .DELETE_ON_ERROR:
 .SUFFIXES:
@@ -36,7 +39,7 @@ ollama: $(OLLAMA_STAMP)
 
 $(CHECKPOINT): $(STAMP_DIR)/train.stamp $(DATA) $(BASE_DEPS)
 	$(call announce,train)
-	$(PIPE) train --config $(CONFIG)
+	$(TRAIN) --config $(CONFIG)
 
 $(FUSED): $(CHECKPOINT) $(STAMP_DIR)/fuse.stamp
 	$(call announce,fuse)

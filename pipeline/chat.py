@@ -45,10 +45,7 @@ def load_trained(checkpoint: Path | str, *, device: torch.device | None = None, 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_causal_lm(base_dir, nf4=nf4, compute_dtype=dtype, device=device, dtype=dtype)
     model = PeftModel.from_pretrained(model, str(checkpoint))
-    state = load_soul(checkpoint / SOUL_FILE)
-    soul = SO8Soul(state.rotation.shape[0] * 8, alpha=state.alpha).to(device)
-    with torch.no_grad():
-        soul.generator.copy_(state.generator)
+    soul = SO8Soul.from_state(load_soul(checkpoint / SOUL_FILE)).to(device)
     inner = model.base_model.model
     inner.lm_head = SoulHead(inner.lm_head, soul)
     return model.eval(), load_tokenizer(base_dir)

@@ -95,6 +95,18 @@ def _cmd_chat(args) -> int:
     return 0
 
 
+def _cmd_import_soul(args) -> int:
+    from .errors import BadInputError
+    from .soul import import_seed_soul
+
+    try:
+        state = import_seed_soul(args.soul_pt, args.out, hidden_size=args.hidden_size)
+    except ValueError as e:
+        raise BadInputError(str(e)) from None
+    print(f"[import-soul] wrote {args.out}: alpha {state.alpha:+.4f}, {state.rotation.shape[0]} blocks")
+    return 0
+
+
 def _cmd_tiny_model(args) -> int:
     from .hf import quiet_transformers
     from .tiny import build_tiny_phi3
@@ -137,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--system", help="system prompt")
     sp.add_argument("--max-new-tokens", type=int, default=128)
     sp.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    sp = command("import-soul", _cmd_import_soul,
+                 "Convert the seeds' soul.pt ({alpha, so8_rotation}) to soul.safetensors, loading no pickled code.",
+                 config=False)
+    sp.add_argument("soul_pt", type=Path)
+    sp.add_argument("--out", type=Path, required=True, help="soul.safetensors to write")
+    sp.add_argument("--hidden-size", type=int, help="model hidden size (needed for one shared 8x8 rotation)")
     sp = command("tiny-model", _cmd_tiny_model, "Build the tiny offline Phi-3 demo base model.", config=False)
     sp.add_argument("--out", type=Path, required=True, help="output folder")
     sp.add_argument("--hidden-size", type=int, default=256)

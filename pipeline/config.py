@@ -94,6 +94,8 @@ class SoulSection(_Section):
     anneal_steps: int = Field(default=400, ge=0)
     lr: float | None = Field(default=None, gt=0)
     ortho_weight: float = Field(default=0.0, ge=0)
+    shared_block: bool = False
+    learn_alpha: bool = False
 
 
 class FuseSection(_Section):

@@ -100,17 +100,37 @@ def orthogonality_error(rotation: torch.Tensor) -> torch.Tensor:
 
 
 class SO8Soul(nn.Module):
-    """The learned part: one skew generator per 8x8 block, plus alpha (a buffer)."""
+    """The learned part: a skew generator per 8x8 block (or one shared by all), and alpha.
 
-    def __init__(self, hidden_size: int, alpha: float = 0.0):
+    alpha is a parameter that does not train while the schedule sets it; with
+    `soul.learn_alpha` it trains once the schedule has reached its target.
+    """
+
+    def __init__(self, hidden_size: int, alpha: float = 0.0, shared: bool = False):
         super().__init__()
         if hidden_size % SOUL_BLOCK:
             raise ValueError(f"hidden size {hidden_size} is not divisible by {SOUL_BLOCK}")
-        self.generator = nn.Parameter(torch.zeros(hidden_size // SOUL_BLOCK, SOUL_BLOCK, SOUL_BLOCK))
-        self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32))
+        self.n_blocks = hidden_size // SOUL_BLOCK
+        self.generator = nn.Parameter(torch.zeros(1 if shared else self.n_blocks, SOUL_BLOCK, SOUL_BLOCK))
+        self.alpha = nn.Parameter(torch.tensor(float(alpha), dtype=torch.float32), requires_grad=False)
+
+    @classmethod
+    def from_state(cls, state: SoulState) -> SO8Soul:
+        """The module a saved soul describes (block-wise or shared)."""
+        n = state.rotation.shape[0]
+        soul = cls(n * SOUL_BLOCK, alpha=state.alpha, shared=state.generator.shape[0] == 1 and n > 1)
+        with torch.no_grad():
+            soul.generator.copy_(state.generator)
+        return soul
 
     def rotation(self) -> torch.Tensor:
-        return rotation_from_generator(self.generator)
+        """[hidden/8, 8, 8] float32; a shared block is repeated along the hidden dimension."""
+        r = rotation_from_generator(self.generator)
+        return r.expand(self.n_blocks, -1, -1) if r.shape[0] != self.n_blocks else r
+
+    def set_alpha(self, value: float) -> None:
+        with torch.no_grad():
+            self.alpha.fill_(value)
 
     def gate(self) -> torch.Tensor:
         return torch.sigmoid(self.alpha)
@@ -179,7 +199,8 @@ def save_soul(path: Path, soul: SO8Soul, step: int) -> None:
         "rotation": soul.rotation().detach().float().cpu().contiguous(),
         "generator": soul.generator.detach().float().cpu().contiguous(),
     }
-    meta = {"format": SOUL_FORMAT, "step": str(step), "block": str(SOUL_BLOCK)}
+    meta = {"format": SOUL_FORMAT, "step": str(step), "block": str(SOUL_BLOCK),
+            "shared": str(soul.generator.shape[0] == 1 and soul.n_blocks > 1).lower()}
     atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
@@ -204,6 +225,61 @@ def load_soul(path: Path) -> SoulState:
         raise ValueError(f"{path}: alpha must be a single number, got shape {list(alpha.shape)}")
     if rotation.ndim != 3 or rotation.shape[1:] != (SOUL_BLOCK, SOUL_BLOCK):
         raise ValueError(f"{path}: rotation must have shape [n, 8, 8], got {list(rotation.shape)}")
-    if generator is None:
-        generator = torch.zeros_like(rotation)
+    if generator is None:  # a soul imported without its generator: recover it from R
+        generator = generator_from_rotation(rotation, str(path))
+    if generator.shape[1:] != rotation.shape[1:] or generator.shape[0] not in (1, rotation.shape[0]):
+        raise ValueError(f"{path}: generator shape {list(generator.shape)} does not fit rotation {list(rotation.shape)}")
     return SoulState(alpha=float(alpha.item()), rotation=rotation, generator=generator)
+
+
+def generator_from_rotation(rotation: torch.Tensor, where: str) -> torch.Tensor:
+    """A generator A with exp(A - A^T) = R for each block (A = log(R) / 2).
+
+    Raises ValueError naming `where` when a block is not in SO(8), or is a
+    half-turn (eigenvalue -1), whose logarithm is not unique.
+    """
+    r = rotation.double()
+    if orthogonality_error(r) > 1e-4 or (torch.linalg.det(r) < 0).any():
+        raise ValueError(f"{where}: the rotation is not in SO(8) (R^T R != I or det R = -1)")
+    vals, vecs = torch.linalg.eig(r)
+    if ((vals + 1).abs() < 1e-6).any():
+        raise ValueError(f"{where}: a block turns by 180 degrees; its generator is not unique")
+    log = (vecs @ torch.diag_embed(vals.log()) @ torch.linalg.inv(vecs)).real
+    skew = (log - log.transpose(-1, -2)) / 2
+    generator = (skew / 2).float()
+    if (rotation_from_generator(generator) - rotation.float()).abs().max() > 1e-4:
+        raise ValueError(f"{where}: could not recover a generator for this rotation")
+    return generator
+
+
+def import_seed_soul(pt_path: Path, out_path: Path, hidden_size: int | None = None, step: int = 0) -> SoulState:
+    """Convert the seeds' soul.pt ({"alpha", "so8_rotation"}) to soul.safetensors.
+
+    The file is read with torch.load(weights_only=True): tensors and plain
+    containers only, so a crafted pickle cannot run code. so8_rotation may be
+    one 8x8 block, shared across the hidden dimension (hidden_size is then
+    required), or [n, 8, 8] blocks (hidden_size, if given, must be 8n).
+    """
+    try:
+        raw = torch.load(str(pt_path), map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for anything beyond tensors and containers
+        raise ValueError(f"{pt_path}: not a plain tensor file, refused ({type(e).__name__}: {e})") from None
+    if not isinstance(raw, dict) or not {"alpha", "so8_rotation"} <= set(raw):
+        raise ValueError(f"{pt_path}: expected a dict with 'alpha' and 'so8_rotation'")
+    alpha = float(torch.as_tensor(raw["alpha"]).reshape(-1)[0])
+    rot = torch.as_tensor(raw["so8_rotation"]).float()
+    if rot.shape == (SOUL_BLOCK, SOUL_BLOCK):
+        rot = rot.unsqueeze(0)
+    if rot.ndim != 3 or rot.shape[1:] != (SOUL_BLOCK, SOUL_BLOCK):
+        raise ValueError(f"{pt_path}: so8_rotation has shape {list(rot.shape)}, expected [8, 8] or [n, 8, 8]")
+    shared = rot.shape[0] == 1
+    if shared and not hidden_size:
+        raise ValueError(f"{pt_path}: one shared 8x8 rotation; give the model's hidden size to expand it")
+    if not shared and hidden_size and hidden_size != rot.shape[0] * SOUL_BLOCK:
+        raise ValueError(f"{pt_path}: {rot.shape[0]} blocks of 8 do not fit hidden size {hidden_size}")
+    generator = generator_from_rotation(rot, str(pt_path))
+    soul = SO8Soul(hidden_size or rot.shape[0] * SOUL_BLOCK, alpha=alpha, shared=shared)
+    with torch.no_grad():
+        soul.generator.copy_(generator)
+    save_soul(out_path, soul, step)
+    return load_soul(out_path)

@@ -68,6 +68,9 @@ class Trainer:
         cfg = self.cfg
         seed_everything(cfg.run.seed)
         self.device = pick_device(cfg.train.device)
+        self.dist = Distributed.from_env(self.device)
+        if self.dist.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.base_dir = resolve_base(cfg)
         self.nf4 = use_nf4(cfg, self.device)
         compute = DTYPES[cfg.train.compute_dtype]
@@ -84,6 +87,7 @@ class Trainer:
             dtype=compute if self.device.type == "cuda" else torch.float32,
         )
         self.model = wrap_with_lora_and_soul(model, cfg, alpha=alpha_at(0, cfg.soul))
+        self.anneal_end = cfg.soul.warmup_steps + cfg.soul.anneal_steps
         if self.nf4:
             guard_nf4_cpu_repack(self.model)
         if cfg.train.gradient_checkpointing:
@@ -95,6 +99,8 @@ class Trainer:
             [
                 {"params": lora_params, "lr": cfg.train.lr},
                 {"params": [self.soul.generator], "lr": cfg.soul.lr or cfg.train.lr},
+                # alpha gets a gradient only with soul.learn_alpha, after the anneal
+                {"params": [self.soul.alpha], "lr": cfg.soul.lr or cfg.train.lr, "weight_decay": 0.0},
             ],
             weight_decay=cfg.train.weight_decay,
         )
@@ -104,6 +110,10 @@ class Trainer:
             f"[train] base {self.base_dir.name} on {self.device} ({'NF4' if self.nf4 else 'full precision'}), "
             f"{len(self.examples)} examples, {n_lora:,} LoRA + {self.soul.generator.numel():,} soul parameters"
         )
+
+    def alpha_is_learned(self, step: int) -> bool:
+        """With soul.learn_alpha, alpha trains once the schedule has reached its target."""
+        return self.cfg.soul.learn_alpha and step >= self.anneal_end
 
     # -- resume --------------------------------------------------------------
     def resume(self) -> int:
@@ -116,21 +126,26 @@ class Trainer:
         from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        remove_leftovers(self.ckpt_dir)
         digest = self.cfg.section_digest("train")
+        if self.dist.is_main:
+            remove_leftovers(self.ckpt_dir)
+            for step, folder, marker in complete_steps(self.ckpt_dir):
+                if marker.get("train_config_sha256") != digest:
+                    self.log(f"[train] removing {folder.name}: it was trained with another config")
+                    shutil.rmtree(folder)
+        self.dist.barrier()
         latest = None
-        for step, folder, marker in complete_steps(self.ckpt_dir):
-            if marker.get("train_config_sha256") != digest:
-                self.log(f"[train] removing {folder.name}: it was trained with another config")
-                shutil.rmtree(folder)
-            elif (folder / STATE_JSON).is_file():
+        for step, folder, _ in complete_steps(self.ckpt_dir):
+            if (folder / STATE_JSON).is_file():
                 latest = (step, folder)
         if latest is None:
             return 0
         step, folder = latest
         set_peft_model_state_dict(self.model, load_file(str(folder / "adapter_model.safetensors")))
+        saved = load_soul(folder / SOUL_FILE)
         with torch.no_grad():
-            self.soul.generator.copy_(load_soul(folder / SOUL_FILE).generator)
+            self.soul.generator.copy_(saved.generator)
+        self.soul.set_alpha(saved.alpha)
         restored = load_trainer_state(folder, self.optimizer)
         self.log(f"[train] resuming from {folder.name} (step {restored} of {self.cfg.train.steps})")
         return restored
@@ -141,30 +156,43 @@ class Trainer:
         first = self.resume()
         metrics_path = self.run_dir / "metrics.jsonl"
         kept = read_metrics(metrics_path, up_to=first)
-        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-        metrics = metrics_path.open("a", encoding="utf-8")
+        self.dist.barrier()  # every process has read the metrics before the main one rewrites them
+        if self.dist.is_main:
+            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        metrics = metrics_path.open("a", encoding="utf-8") if self.dist.is_main else open(os.devnull, "w")
         per_step = t.batch_size * t.grad_accum
         start = time.perf_counter() - (kept[-1]["elapsed_s"] if kept else 0.0)
         autocast = torch.autocast(
             device_type=self.device.type, dtype=self.compute_dtype,
             enabled=self.device.type == "cuda" and self.compute_dtype != torch.float32,
         )
-        progress = make_progress(t.steps, initial=first)
+        progress = make_progress(t.steps, initial=first, enabled=self.dist.is_main)
         try:
             for step in range(first, t.steps):
-                alpha = alpha_at(step, cfg.soul)
-                self.soul.alpha.fill_(alpha)
+                if self.alpha_is_learned(step):
+                    if not self.soul.alpha.requires_grad:  # learning starts from the target
+                        if step == self.anneal_end:
+                            self.soul.set_alpha(cfg.soul.alpha_target)
+                        self.soul.alpha.requires_grad_(True)
+                else:
+                    self.soul.set_alpha(alpha_at(step, cfg.soul))
+                alpha = self.soul.alpha.item()
                 lr_scale = min(1.0, (step + 1) / t.lr_warmup_steps) if t.lr_warmup_steps else 1.0
                 for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
                     group["lr"] = base_lr * lr_scale
 
                 t0 = time.perf_counter()
-                order = example_order(len(self.examples), step, per_step, cfg.run.seed)
-                batches = [collate([self.examples[i] for i in order[m * t.batch_size:(m + 1) * t.batch_size]],
+                # The step's examples, split into micro-batches and across processes
+                # so that N processes see exactly what one process with an N times
+                # bigger batch sees.
+                world, rank, bs = self.dist.world, self.dist.rank, t.batch_size
+                order = example_order(len(self.examples), step, per_step * world, cfg.run.seed)
+                batches = [collate([self.examples[i] for i in order[(m * world + rank) * bs:(m * world + rank + 1) * bs]],
                                    self.pad_id) for m in range(t.grad_accum)]
                 # The loss is the mean over every trained token of the step, however
-                # it is split into micro-batches: each one adds its sum / the total.
-                n_trained = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+                # it is split into micro-batches and processes: each adds its sum / the total.
+                n_trained = int(self.dist.sum(torch.tensor(
+                    float(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)))))
                 lm_loss, tokens = 0.0, 0
                 for batch in batches:
                     batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -173,6 +201,9 @@ class Trainer:
                     out.loss.backward()
                     lm_loss += out.loss.item()
                     tokens += int(batch["attention_mask"].sum())
+                self.dist.sum_gradients(self.optimizer)
+                lm_loss = float(self.dist.sum(torch.tensor(lm_loss)))
+                tokens = int(self.dist.sum(torch.tensor(float(tokens))))
                 if cfg.soul.ortho_weight:
                     ortho = orthogonality_error(self.soul.rotation())
                     (cfg.soul.ortho_weight * ortho.square()).backward()
@@ -180,7 +211,8 @@ class Trainer:
                     with torch.no_grad():
                         ortho = orthogonality_error(self.soul.rotation())
                 grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for g in self.optimizer.param_groups for p in g["params"]], t.max_grad_norm
+                    [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad],
+                    t.max_grad_norm,
                 )
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -194,24 +226,31 @@ class Trainer:
                     grad_norm=float(grad_norm), tokens_per_s=tokens / dt if dt > 0 else 0.0,
                     elapsed_s=time.perf_counter() - start,
                 )
-                metrics.write(json.dumps(row.__dict__) + "\n")
-                metrics.flush()
-                progress.update(row)
+                if self.dist.is_main:
+                    metrics.write(json.dumps(row.__dict__) + "\n")
+                    metrics.flush()
+                    progress.update(row)
                 test_kill_point(f"step:{step + 1}")
                 if (step + 1) % t.save_every == 0 or step + 1 == t.steps:
                     self.save_checkpoint(step + 1, checkpoint_name(step + 1))
         finally:
             progress.close()
             metrics.close()
-        return self.save_checkpoint(t.steps, "final")
+        final = self.save_checkpoint(t.steps, "final")
+        self.dist.close()
+        return final
 
     # -- save_checkpoint -----------------------------------------------------
     def save_checkpoint(self, step: int, name: str) -> Path:
         """Write one complete checkpoint folder atomically; returns its path."""
         # The soul in a checkpoint carries the alpha the schedule gives after
-        # `step` steps: that is the model a user gets from this checkpoint.
-        self.soul.alpha.fill_(alpha_at(step, self.cfg.soul))
+        # `step` steps (or the learned one): the model a user gets from it.
+        if not self.alpha_is_learned(step):
+            self.soul.set_alpha(alpha_at(step, self.cfg.soul))
         final = self.ckpt_dir / name
+        if not self.dist.is_main:  # one process writes; the others wait for it
+            self.dist.barrier()
+            return final
         with atomic_dir(final) as tmp:
             self.model.save_pretrained(str(tmp), safe_serialization=True)
             test_kill_point(f"save:{step}")
@@ -219,15 +258,80 @@ class Trainer:
             save_trainer_state(tmp, self.optimizer, step)
             atomic_write_text(tmp / CHECKPOINT_MARKER, json.dumps({
                 "step": step,
-                "alpha": float(self.soul.alpha),
-                "gate": float(self.soul.gate()),
+                "alpha": self.soul.alpha.item(),
+                "gate": self.soul.gate().item(),
                 "base": self.base_ref,
                 "revision": None if self.cfg.base_is_local() else self.cfg.model.revision,
                 "quantization": "nf4" if self.nf4 else "none",
                 "train_config_sha256": self.cfg.section_digest("train"),
             }, indent=1) + "\n")
         self.log(f"[train] wrote {final}")
+        self.dist.barrier()
         return final
+
+
+@dataclass
+class Distributed:
+    """torchrun's view of this process (WORLD_SIZE, RANK, LOCAL_RANK); a no-op alone.
+
+    Gradients are summed, not averaged, across processes: each process's loss
+    is already its share of the mean over the whole step's tokens.
+    """
+
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> Distributed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        return cls(world, int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            t = t.to(self._device())
+            dist.all_reduce(t)
+        return t.cpu()
+
+    def sum_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+
+    def _device(self) -> torch.device:
+        import torch.distributed as dist
+
+        return torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def read_metrics(path: Path, up_to: int) -> list[dict]:
@@ -270,7 +374,7 @@ def wrap_with_lora_and_soul(model, cfg: Config, *, alpha: float):
     head = inner.lm_head
     for p in head.parameters():
         p.requires_grad_(False)
-    soul = SO8Soul(head.weight.shape[1], alpha=alpha).to(head.weight.device)
+    soul = SO8Soul(head.weight.shape[1], alpha=alpha, shared=cfg.soul.shared_block).to(head.weight.device)
     inner.lm_head = SoulHead(head, soul)
     base_ref = base_reference(cfg)
     peft_model.peft_config["default"].base_model_name_or_path = base_ref
@@ -296,10 +400,11 @@ def seed_everything(seed: int) -> None:
 class make_progress:  # noqa: N801 (used like a function)
     """A tqdm bar showing phase, alpha, gate, loss and tokens/s."""
 
-    def __init__(self, total: int, initial: int = 0):
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not enabled)
 
     def update(self, m: StepMetrics) -> None:
         self.bar.set_postfix_str(

@@ -26,9 +26,7 @@ def trained_model(base_dir, ckpt):
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(load_lm(base_dir), str(ckpt)).eval()
-    state = load_soul(ckpt / "soul.safetensors")
-    soul = SO8Soul(state.rotation.shape[0] * 8, alpha=state.alpha)
-    soul.generator.data.copy_(state.generator)
+    soul = SO8Soul.from_state(load_soul(ckpt / "soul.safetensors"))
     inner = model.base_model.model
     inner.lm_head = SoulHead(inner.lm_head, soul)
     return model

@@ -135,3 +135,55 @@ def test_rotation_gradients_match_matrix_exp():
     a.grad = None
     (torch.linalg.matrix_exp(a - a.transpose(-1, -2)) * w).sum().backward()
     assert torch.allclose(ours, a.grad, atol=1e-5)
+
+
+def test_shared_block_repeats_one_rotation():
+    soul = SO8Soul(64, alpha=0.3, shared=True)
+    with torch.no_grad():
+        soul.generator.normal_()
+    r = soul.rotation()
+    assert soul.generator.shape == (1, 8, 8) and r.shape == (8, 8, 8)
+    assert all(torch.equal(r[0], r[b]) for b in range(8))
+
+
+def test_seed_soul_pt_is_imported(tmp_path):
+    from pipeline.soul import import_seed_soul
+
+    blocks = random_soul(hidden=32, seed=3).rotation().detach()
+    torch.save({"alpha": torch.tensor(1.618), "so8_rotation": blocks}, tmp_path / "soul.pt")
+    state = import_seed_soul(tmp_path / "soul.pt", tmp_path / "soul.safetensors")
+    assert state.alpha == pytest.approx(1.618) and torch.allclose(state.rotation, blocks, atol=1e-5)
+
+    one = random_soul(hidden=8, seed=4).rotation().detach()[0]
+    torch.save({"alpha": 0.5, "so8_rotation": one}, tmp_path / "shared.pt")
+    with pytest.raises(ValueError, match="give the model's hidden size"):
+        import_seed_soul(tmp_path / "shared.pt", tmp_path / "s.safetensors")
+    state = import_seed_soul(tmp_path / "shared.pt", tmp_path / "s.safetensors", hidden_size=64)
+    assert state.rotation.shape == (8, 8, 8) and torch.allclose(state.rotation[5], one, atol=1e-5)
+    assert SO8Soul.from_state(state).generator.shape == (1, 8, 8)
+
+
+def test_seed_soul_that_is_not_a_rotation_is_refused(tmp_path):
+    from pipeline.soul import import_seed_soul
+
+    torch.save({"alpha": 0.0, "so8_rotation": torch.randn(2, 8, 8)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="bad.pt: the rotation is not in SO\\(8\\)"):
+        import_seed_soul(tmp_path / "bad.pt", tmp_path / "x.safetensors")
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_crafted_soul_pt_runs_nothing(tmp_path):
+    from pipeline.soul import import_seed_soul
+
+    marker = tmp_path / "pwned"
+    torch.save({"alpha": 1.0, "so8_rotation": _Exploit(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="evil.pt: not a plain tensor file, refused"):
+        import_seed_soul(tmp_path / "evil.pt", tmp_path / "x.safetensors")
+    assert not marker.exists() and not (tmp_path / "x.safetensors").exists()

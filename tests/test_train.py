@@ -112,3 +112,49 @@ def test_stale_checkpoints_of_another_config_are_not_resumed(reference, tmp_path
     assert proc.returncode == 0 and "trained with another config" in proc.stdout
     assert "resuming" not in proc.stdout
     assert_same(final_tensors(cfg), final_tensors(reference))
+
+
+def test_shared_block_and_learned_alpha_train_and_fuse_exactly(tiny_phi3_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.chat import load_trained
+    from pipeline.fuse import fuse
+    from pipeline.soul import load_soul
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", small_config(
+        tiny_phi3_dir, tmp_path / "b", train={"steps": 8, "save_every": 4},
+        soul={"warmup_steps": 1, "anneal_steps": 3, "shared_block": True, "learn_alpha": True, "lr": 0.05})))
+    train(cfg)
+    state = load_soul(cfg.final_checkpoint / "soul.safetensors")
+    assert state.generator.shape == (1, 8, 8) and state.rotation.shape == (32, 8, 8)
+    rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    scheduled = [r["alpha"] for r in rows[:5]]
+    assert scheduled[-1] == pytest.approx(cfg.soul.alpha_target)  # the schedule ran to its target
+    assert rows[-1]["alpha"] != pytest.approx(cfg.soul.alpha_target, abs=1e-4)  # then alpha learned
+    assert state.alpha == pytest.approx(rows[-1]["alpha"], abs=0.1)
+
+    trained, _ = load_trained(cfg.final_checkpoint, device=torch.device("cpu"))
+    fused = AutoModelForCausalLM.from_pretrained(str(fuse(cfg)), dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(str(tiny_phi3_dir))("黄金比は美しい。", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert (trained(ids).logits - fused(ids).logits).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_with_the_same_effective_batch(tiny_phi3_dir, tmp_path):
+    """torchrun with 2 CPU processes (gloo), batch 1 each == 1 process, batch 2.
+    Tolerance 1e-5: the sums are the same numbers added in another order."""
+    results = []
+    for name, nproc, bs in (("one", 1, 2), ("two", 2, 1)):
+        config = write_config(tmp_path / f"{name}.yaml", small_config(
+            tiny_phi3_dir, tmp_path / name, train={"batch_size": bs, "steps": 4, "save_every": 2},
+            soul={"warmup_steps": 1, "anneal_steps": 2}))
+        cmd = [sys.executable, "-m", "pipeline", "train", "--config", str(config)]
+        if nproc > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                   "-m", "pipeline", "train", "--config", str(config)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results.append(final_tensors(load_config(config)))
+    assert_same(*results, tol=1e-5)
