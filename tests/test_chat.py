@@ -1,0 +1,50 @@
+"""Talking to a checkpoint: the documented Python call and `python -m pipeline chat`."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from conftest import REPO
+from pipeline.chat import load_trained, reply
+
+METRIC_FIELDS = {"step", "phase", "alpha", "gate", "loss", "lm_loss", "ortho_error", "lr", "grad_norm",
+                 "tokens_per_s", "elapsed_s"}
+
+
+def test_load_trained_is_base_plus_adapter_plus_soul(trained_run):
+    from test_fuse import trained_model
+
+    model, tok = load_trained(trained_run.final_checkpoint, device=torch.device("cpu"))
+    reference = trained_model(trained_run.resolve(trained_run.model.base), trained_run.final_checkpoint)
+    ids = tok("こんにちは。", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    text = reply(model, tok, [{"role": "user", "content": "こんにちは"}], max_new_tokens=5)
+    assert isinstance(text, str) and "<|" not in text
+
+
+def test_chat_command_answers_and_reads_a_conversation(trained_run):
+    ckpt = str(trained_run.final_checkpoint)
+    one = subprocess.run([sys.executable, "-m", "pipeline", "chat", "--checkpoint", ckpt, "--prompt", "こんにちは",
+                          "--max-new-tokens", "4"], cwd=REPO, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    many = subprocess.run([sys.executable, "-m", "pipeline", "chat", "--checkpoint", ckpt, "--max-new-tokens", "4"],
+                          cwd=REPO, capture_output=True, text=True, input="こんにちは\nありがとう\n\n")
+    assert many.returncode == 0, many.stderr[-2000:]
+    assert len(many.stdout.strip().splitlines()) >= 1
+
+
+def test_chat_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "chat", "--checkpoint", str(tmp_path), "--prompt", "x"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "not a complete checkpoint" in proc.stderr
+
+
+def test_every_step_is_logged_with_all_fields(trained_run):
+    rows = [json.loads(x) for x in (trained_run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(set(r) == METRIC_FIELDS for r in rows)
+    assert all(r["tokens_per_s"] > 0 and r["grad_norm"] >= 0 for r in rows)
+    assert [r["elapsed_s"] for r in rows] == sorted(r["elapsed_s"] for r in rows)
