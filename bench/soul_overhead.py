@@ -4,9 +4,12 @@
     python bench/soul_overhead.py --device cuda --nf4         # QLoRA on a GPU
 
 Both variants are the same LoRA-wrapped model on the same batches; "LoRA
-alone" has the soul taken out of the head. Steps alternate between the two
-(A B A B ...) so drift in machine speed hits both alike; the median step
-time of each is reported with their ratio. Target: ratio <= 1.03.
+alone" has the soul taken out of the head. Both are warmed up first (on a
+GPU the first few dozen steps of a process are several times slower while
+kernels load and cuBLAS picks algorithms: whichever variant ran first
+looked 5x slower before this warm-up existed), then steps alternate in
+A B B A order so drift and ordering hit both alike; the median step time of
+each is reported with their difference and ratio. Target: ratio <= 1.03.
 """
 from __future__ import annotations
 
@@ -62,7 +65,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=40, help="timed steps per variant")
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=30, help="untimed steps per variant before timing")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--nf4", action="store_true", help="4-bit NF4 base (QLoRA)")
@@ -84,13 +87,15 @@ def main() -> None:
                    for s in range(args.warmup + args.steps)]
         runs = {"lora+soul": variant(base, cfg, device, args.nf4, True),
                 "lora": variant(base, cfg, device, args.nf4, False)}
-        times: dict[str, list[float]] = {k: [] for k in runs}
-        for i, batch in enumerate(batches):
-            for name, (model, opt) in runs.items():
-                t0 = time.perf_counter()
+        for batch in batches[: args.warmup]:
+            for model, opt in runs.values():
                 step(model, opt, batch, device)
-                if i >= args.warmup:
-                    times[name].append(time.perf_counter() - t0)
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for i, batch in enumerate(batches[args.warmup:]):
+            for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+                t0 = time.perf_counter()
+                step(*runs[name], batch, device)
+                times[name].append(time.perf_counter() - t0)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["lora+soul"] / med["lora"]

@@ -42,7 +42,7 @@ def small_config(base_dir: Path, build_dir: Path, **overrides) -> dict:
         "model": {"base": str(base_dir)},
         "data": {"train": str(DEMO_DATA), "max_length": 128},
         # CPU even where CUDA exists: the exactness checks assume float32 without NF4.
-        "train": {"steps": 6, "save_every": 3, "batch_size": 2, "device": "cpu"},
+        "train": {"steps": 6, "save_every": 3, "batch_size": 2, "device": "cpu", "lr_warmup_steps": 1},
         "soul": {"warmup_steps": 1, "anneal_steps": 4},
         "fuse": {"dtype": "float32"},
     })
