@@ -49,7 +49,7 @@ $(CONVERTED): $(FUSED) $(STAMP_DIR)/convert.stamp
 	$(call announce,convert)
 	$(PIPE) convert --config $(CONFIG)
 
-$(QUANTIZED): $(GGUF_DIR)/$(RUN_NAME)-%.gguf: $(CONVERTED)
+$(QUANTIZED): $(GGUF_DIR)/$(RUN_NAME)-%.gguf: $(CONVERTED) $(STAMP_DIR)/quantize.stamp
 	$(call announce,quantize)
 	$(PIPE) quantize --config $(CONFIG) --type $*
 

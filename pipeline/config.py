@@ -107,6 +107,15 @@ class GgufSection(_Section):
     quantizations: list[str] = Field(default_factory=lambda: ["Q4_K_M"], min_length=1)
 
 
+class FidelitySection(_Section):
+    enabled: bool = True
+    max_kl_fused: float = Field(default=0.02, ge=0)
+    max_kl_converted: float = Field(default=1e-3, ge=0)
+    max_kl_quantized: dict[str, float] = Field(
+        default_factory=lambda: {"Q8_0": 0.01, "Q6_K": 0.02, "Q5_K_M": 0.05, "Q4_K_M": 0.1})
+    max_kl_quantized_default: float = Field(default=0.25, ge=0)
+
+
 class OllamaSection(_Section):
     model: str = Field(default="agiasi-borea", pattern=r"^[a-z0-9][a-z0-9._/:-]*$")
     family: str = "phi3"
@@ -122,6 +131,7 @@ class Config(_Section):
     soul: SoulSection = SoulSection()
     fuse: FuseSection = FuseSection()
     gguf: GgufSection = GgufSection()
+    fidelity: FidelitySection = FidelitySection()
     ollama: OllamaSection = OllamaSection()
 
     # Set by load_config: where the file lives, to resolve relative paths.
@@ -185,8 +195,9 @@ def looks_local(base: str) -> bool:
 # registration, and changing a quantization type re-runs only quantize onward.
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "train": ("run.seed", "model", "data", "train", "soul"),
-    "fuse": ("fuse",),
-    "convert": ("gguf.outtype",),
+    "fuse": ("fuse", "fidelity"),
+    "convert": ("gguf.outtype", "fidelity"),
+    "quantize": ("fidelity",),
     "modelfile": ("ollama", "gguf.quantizations"),  # FROM names the first quantization
     "register": ("ollama.model",),
 }

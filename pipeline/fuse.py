@@ -197,4 +197,8 @@ def fuse(cfg: Config, checkpoint: Path | None = None, out_dir: Path | None = Non
             "outputs": {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))},
         }
         atomic_write_text(tmp / FUSION_MARKER, json.dumps(provenance, indent=1) + "\n")
+        if cfg.fidelity.enabled:
+            from .fidelity import check_fused
+
+            check_fused(cfg, ckpt, tmp)
     return out_dir

@@ -22,7 +22,13 @@ def convert(cfg: Config) -> Path:
         raise ToolchainError(f"{fused}: no complete fused model ({cfg.fused_marker.name} missing); run `make fuse`")
     out = cfg.gguf_path(cfg.gguf.outtype)
     print(f"[convert] {fused} -> {out}")
-    return llamacpp.convert_hf_to_gguf(fused, out, cfg.gguf.outtype, model_name=gguf_model_name(cfg))
+    check = None
+    if cfg.fidelity.enabled:
+        from .fidelity import check_converted
+
+        def check(tmp: Path) -> None:
+            check_converted(cfg, fused, tmp)
+    return llamacpp.convert_hf_to_gguf(fused, out, cfg.gguf.outtype, model_name=gguf_model_name(cfg), check=check)
 
 
 def gguf_model_name(cfg: Config) -> str:
@@ -44,4 +50,10 @@ def quantize(cfg: Config, qtype: str) -> Path:
     src, out = cfg.gguf_path(cfg.gguf.outtype), cfg.gguf_path(matches[0])
     llamacpp.validate_gguf(src)
     print(f"[quantize] {src.name} -> {out.name} ({matches[0]})")
-    return llamacpp.quantize(src, out, matches[0])
+    check = None
+    if cfg.fidelity.enabled:
+        from .fidelity import check_quantized
+
+        def check(tmp: Path) -> None:
+            check_quantized(cfg, src, tmp, matches[0])
+    return llamacpp.quantize(src, out, matches[0], check=check)

@@ -30,7 +30,7 @@ import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,9 +230,10 @@ def _run_tool(cmd: list[str], *, what: str, env: dict[str, str] | None = None) -
 
 
 @contextlib.contextmanager
-def _gguf_output(out_path: Path, what: str) -> Iterator[Path]:
-    """Yield a temporary path next to out_path; when the block succeeds and the file there is a
-    valid GGUF, rename it to out_path. On any failure the temporary file is removed."""
+def _gguf_output(out_path: Path, what: str, check: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to out_path; when the block succeeds, the file there is a
+    valid GGUF and `check` (if given) accepts it, rename it to out_path. On any failure the
+    temporary file is removed."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # The converter expands {ftype}-style templates in the output name: keep braces out.
     stem = re.sub(r"[{}]", "_", out_path.name)
@@ -245,6 +246,8 @@ def _gguf_output(out_path: Path, what: str) -> Iterator[Path]:
             validate_gguf(tmp)
         except GGUFError as err:
             raise ToolRunError(f"{what} exited 0 but its output for {out_path} is not a valid GGUF: {err}") from err
+        if check is not None:
+            check(tmp)
         tmp.chmod(0o644)  # mkstemp makes it private; this is an ordinary artifact
         os.replace(tmp, out_path)
     finally:
@@ -266,7 +269,8 @@ def _gguf_model_name(model_dir: Path, model_name: str | None) -> str:
     return model_name
 
 
-def convert_hf_to_gguf(model_dir: Path, out_path: Path, outtype: str, *, model_name: str | None = None) -> Path:
+def convert_hf_to_gguf(model_dir: Path, out_path: Path, outtype: str, *, model_name: str | None = None,
+                       check: Callable[[Path], None] | None = None) -> Path:
     """Convert a Hugging Face model folder to one GGUF file with the pinned, vendored converter.
 
     The converter runs in a child process of this interpreter (sys.executable, which must have
@@ -280,6 +284,8 @@ def convert_hf_to_gguf(model_dir: Path, out_path: Path, outtype: str, *, model_n
     "phi3" or "phi-3", and "-phi3" is appended to a default name that lacks it: llama.cpp gives
     Phi-3's special tokens the right-strip they have in tokenizer.json only when general.name
     says Phi-3, and without it "<|user|>\n..." tokenizes differently from transformers.
+    check, called with the finished temporary file before it is renamed: an exception from
+    it (a fidelity gate, say) leaves out_path as it was.
     Outputs: out_path, a validated GGUF.
     Errors: ValueError for an unknown outtype or a Phi-3 model_name without "phi3";
     FileNotFoundError when model_dir is not a folder with a config.json; ToolchainError when
@@ -304,7 +310,7 @@ def convert_hf_to_gguf(model_dir: Path, out_path: Path, outtype: str, *, model_n
     env["PYTHONPATH"] = os.pathsep.join(
         [str(script.parent / "gguf-py")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     )
-    with _gguf_output(out_path, "convert_hf_to_gguf.py") as tmp:
+    with _gguf_output(out_path, "convert_hf_to_gguf.py", check) as tmp:
         _run_tool(
             [sys.executable, str(script), str(model_dir), "--outfile", str(tmp), "--outtype", outtype,
              "--model-name", name],
@@ -322,7 +328,8 @@ def _canonical_qtype(qtype: str) -> str:
         raise ValueError(f"unknown quantization type {qtype!r}; llama-quantize accepts: {', '.join(QUANT_TYPES)}") from None
 
 
-def quantize(src: Path, out_path: Path, qtype: str, *, threads: int | None = None) -> Path:
+def quantize(src: Path, out_path: Path, qtype: str, *, threads: int | None = None,
+             check: Callable[[Path], None] | None = None) -> Path:
     """Quantize a GGUF with the pinned llama-quantize.
 
     Note: k-quants need tensor rows divisible by 256 and every quant needs multiples of 32;
@@ -331,7 +338,8 @@ def quantize(src: Path, out_path: Path, qtype: str, *, threads: int | None = Non
 
     Inputs: src, an f32/f16/bf16 GGUF (validated first); out_path, the .gguf to write (its folder
     is created; an existing file is replaced only on success); qtype, a name from QUANT_TYPES,
-    in any case ("q4_k_m" works); threads, llama-quantize's thread count (default: its own).
+    in any case ("q4_k_m" works); threads, llama-quantize's thread count (default: its own);
+    check, called with the finished temporary file before it is renamed.
     Outputs: out_path, a validated GGUF.
     Errors: ValueError for an unknown qtype or threads < 1; GGUFError when src is not a valid
     GGUF; ToolchainError when llama.cpp is not built; ToolRunError when llama-quantize fails
@@ -344,7 +352,7 @@ def quantize(src: Path, out_path: Path, qtype: str, *, threads: int | None = Non
     src, out_path = Path(src), Path(out_path)
     validate_gguf(src)
     cmd = [str(tool("llama-quantize"))]
-    with _gguf_output(out_path, "llama-quantize") as tmp:
+    with _gguf_output(out_path, "llama-quantize", check) as tmp:
         args = [str(src), str(tmp), name] + ([str(threads)] if threads is not None else [])
         _run_tool(cmd + args, what=f"llama-quantize ({src} -> {name})")
     return out_path

@@ -7,6 +7,7 @@ which artifacts were rewritten.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -83,6 +84,9 @@ def test_first_run_builds_every_artifact(chain):
     for stage in ("train", "fuse", "convert", "quantize", "modelfile"):
         assert f"==> [{stage}] building" in first.stdout
     assert "does not exist" in first.stdout
+    report = json.loads((run / "reports" / "fidelity.json").read_text())
+    assert set(report) == {"fuse", "convert", "quantize:Q4_K_M"} and all(e["passed"] for e in report.values())
+    assert "| fuse | trained | fused |" in (run / "reports" / "fidelity.md").read_text()
     assert not list(run.rglob(".tmp-*")), "temporary files left behind"
 
 
@@ -123,7 +127,7 @@ def test_new_quantization_rebuilds_from_quantize_on(chain):
     write_config(path, {**cfg, "gguf": {**cfg["gguf"], "quantizations": ["Q8_0"]}})
     make(path)
     groups = top(changed(before, snapshot(run)))
-    assert groups == {"gguf/t-q8_0.gguf", "Modelfile", "stamps/modelfile.stamp"}
+    assert groups == {"gguf/t-q8_0.gguf", "Modelfile", "stamps/modelfile.stamp", "reports"}
     assert "FROM ./gguf/t-q8_0.gguf" in (run / "Modelfile").read_text(encoding="utf-8")
 
 
