@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint import read_marker
 from .errors import ModelError
-from .hf import fetch_from_hub, load_causal_lm, load_tokenizer, usable_model_dir
+from .hf import DTYPES, fetch_from_hub, load_causal_lm, load_tokenizer, usable_model_dir
 from .soul import SOUL_FILE, SO8Soul, SoulHead, load_soul
 
 
@@ -27,7 +27,7 @@ def load_trained(checkpoint: Path | str, *, device: torch.device | None = None, 
     """Load base + adapter + soul from a checkpoint folder; returns (model, tokenizer).
 
     device: default CUDA when present, else CPU. nf4: load the base in 4-bit
-    NF4 (default: as it was trained, when CUDA is present). Raises ModelError
+    NF4 (default: as it was trained; bitsandbytes runs NF4 on CPU too). Raises ModelError
     for a folder that is not a complete checkpoint or a base that cannot be found.
     """
     from peft import PeftModel
@@ -38,12 +38,16 @@ def load_trained(checkpoint: Path | str, *, device: torch.device | None = None, 
         raise ModelError(f"{checkpoint}: not a complete checkpoint (no checkpoint.json)")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if nf4 is None:
-        nf4 = marker.get("quantization") == "nf4" and device.type == "cuda"
+        nf4 = marker.get("quantization") == "nf4"
+    settings = marker.get("nf4") or {}
     base = Path(marker["base"])
     base_dir = usable_model_dir(base) if base.is_dir() else usable_model_dir(
         fetch_from_hub(marker["base"], marker.get("revision")))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = load_causal_lm(base_dir, nf4=nf4, compute_dtype=dtype, device=device, dtype=dtype)
+    if nf4 and "load_dtype" in settings:  # the NF4 weights exactly as training quantized them
+        dtype = DTYPES[settings["load_dtype"]]
+    model = load_causal_lm(base_dir, nf4=nf4, compute_dtype=dtype, device=device, dtype=dtype,
+                           double_quant=settings.get("double_quant", True))
     model = PeftModel.from_pretrained(model, str(checkpoint))
     soul = SO8Soul.from_state(load_soul(checkpoint / SOUL_FILE)).to(device)
     inner = model.base_model.model

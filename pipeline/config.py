@@ -100,6 +100,7 @@ class SoulSection(_Section):
 
 class FuseSection(_Section):
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    merge_base: Literal["original", "dequantized", "auto"] = "auto"
 
 
 class GgufSection(_Section):
@@ -195,7 +196,7 @@ def looks_local(base: str) -> bool:
 # registration, and changing a quantization type re-runs only quantize onward.
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "train": ("run.seed", "model", "data", "train", "soul"),
-    "fuse": ("fuse", "fidelity"),
+    "fuse": ("fuse", "fidelity"),  # merge_base auto compares candidates with the gate's prompts
     "convert": ("gguf.outtype", "fidelity"),
     "quantize": ("fidelity",),
     "modelfile": ("ollama", "gguf.quantizations"),  # FROM names the first quantization

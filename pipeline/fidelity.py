@@ -176,20 +176,36 @@ def bound_for(cfg: Config, qtype: str) -> tuple[float, str]:
     return f.max_kl_quantized_default, "fidelity.max_kl_quantized_default"
 
 
-def check_fused(cfg: Config, checkpoint: Path, fused_dir: Path) -> None:
-    """fuse: the trained model (loaded as trained) vs the fused folder."""
-    from transformers import AutoModelForCausalLM
+@dataclass
+class Reference:
+    """The trained model's logits on the gate's prompts."""
 
+    ids: list[list[int]]
+    logits: list[np.ndarray]
+    device: torch.device
+
+
+def trained_reference(cfg: Config, checkpoint: Path) -> Reference:
+    """Load the trained model as trained (NF4 or not, + LoRA + soul) and run the prompts."""
     from .chat import load_trained
 
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
     trained, tokenizer = load_trained(checkpoint, device=device)
     ids = prompt_ids(tokenizer)
-    reference = hf_logits(trained, ids)
-    del trained
-    dtype = torch.float32 if device.type == "cpu" else None
-    fused = AutoModelForCausalLM.from_pretrained(str(fused_dir), dtype=dtype or "auto").to(device).eval()
-    gate(cfg, "fuse", "trained", "fused", compare(reference, hf_logits(fused, ids)), cfg.fidelity.max_kl_fused,
+    return Reference(ids, hf_logits(trained, ids), device)
+
+
+def compare_fused(reference: Reference, fused_dir: Path) -> Comparison:
+    """The trained model's logits vs a fused folder's (float32 on CPU, as saved on GPU)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if reference.device.type == "cpu" else "auto"
+    fused = AutoModelForCausalLM.from_pretrained(str(fused_dir), dtype=dtype).to(reference.device).eval()
+    return compare(reference.logits, hf_logits(fused, reference.ids))
+
+
+def gate_fused(cfg: Config, result: Comparison, merge_base: str) -> None:
+    gate(cfg, "fuse", "trained", f"fused (merge base {merge_base})", result, cfg.fidelity.max_kl_fused,
          "fidelity.max_kl_fused")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,16 +84,36 @@ def read_adapter(ckpt: Path) -> LoraAdapter:
     return LoraAdapter(scale=scale, factors=factors)
 
 
-def fuse_tensors(base_dir: Path, out_dir: Path, adapter: LoraAdapter, soul: SoulState, dtype: torch.dtype) -> None:
-    """Stream the base's shards to out_dir with LoRA merged and the soul folded."""
+def nf4_round_trip(settings: dict) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """The base weights as the NF4 model held them during training.
+
+    transformers quantizes every linear layer of the decoder (not the head, not
+    embeddings) with bitsandbytes; quantizing and dequantizing the same input
+    the same way gives back exactly what the adapter was trained against.
+    """
+    import bitsandbytes.functional as bnbf
+
+    load_dtype = DTYPES[settings["load_dtype"]]
+
+    def weights_as_trained(name: str, w: torch.Tensor) -> torch.Tensor:
+        if not (name.startswith("model.layers.") and name.endswith(".weight") and w.ndim == 2):
+            return w
+        q, state = bnbf.quantize_4bit(w.to(load_dtype), blocksize=settings["blocksize"],
+                                      compress_statistics=settings["double_quant"], quant_type="nf4")
+        return bnbf.dequantize_4bit(q, state).float()
+
+    return weights_as_trained
+
+
+def fuse_tensors(base_dir: Path, out_dir: Path, adapter: LoraAdapter, soul: SoulState, dtype: torch.dtype,
+                 base_weights: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Stream the base's shards to out_dir with LoRA merged and the soul folded.
+
+    base_weights(name, W): the base weight to merge into (default: W as stored).
+    """
     hf = read_model_config(base_dir)
     tied = bool(hf.get("tie_word_embeddings", False))
-    hidden = hf["hidden_size"]
-    if soul.rotation.shape[0] * SOUL_BLOCK != hidden:
-        raise FuseError(
-            f"soul has {soul.rotation.shape[0]} blocks of {SOUL_BLOCK} ({soul.rotation.shape[0] * SOUL_BLOCK} dims) "
-            f"but the base's hidden_size is {hidden}"
-        )
+    check_soul_fits(soul, hf)
     unused = set(adapter.factors)
     head_written = False
     weight_map: dict[str, str] = {}
@@ -113,7 +134,7 @@ def fuse_tensors(base_dir: Path, out_dir: Path, adapter: LoraAdapter, soul: Soul
                 w = f.get_tensor(src)
                 if not w.is_floating_point():
                     return w
-                w = w.float()
+                w = w.float() if base_weights is None else base_weights(name, w).float()
                 delta = adapter.delta(name)
                 if delta is not None:
                     if delta.shape != w.shape:
@@ -135,6 +156,15 @@ def fuse_tensors(base_dir: Path, out_dir: Path, adapter: LoraAdapter, soul: Soul
         total = sum((out_dir / s).stat().st_size for s in set(weight_map.values()))
         atomic_write_text(out_dir / "model.safetensors.index.json", json.dumps(
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+
+
+def check_soul_fits(soul: SoulState, hf: dict) -> None:
+    hidden = hf["hidden_size"]
+    if soul.rotation.shape[0] * SOUL_BLOCK != hidden:
+        raise FuseError(
+            f"soul has {soul.rotation.shape[0]} blocks of {SOUL_BLOCK} ({soul.rotation.shape[0] * SOUL_BLOCK} dims) "
+            f"but the base's hidden_size is {hidden}"
+        )
 
 
 def _safetensors_dtype(name: str) -> torch.dtype:
@@ -176,13 +206,33 @@ def fuse(cfg: Config, checkpoint: Path | None = None, out_dir: Path | None = Non
     print(f"[fuse] {base_dir.name} + {ckpt.name} (step {state.get('step')}, alpha {soul.alpha:+.4f}, "
           f"gate {soul.gate:.4f}) -> {out_dir} ({cfg.fuse.dtype})")
 
+    hf = read_model_config(base_dir)
+    check_soul_fits(soul, hf)
+    nf4 = state.get("nf4")
+    candidates = merge_candidates(cfg.fuse.merge_base, nf4)
+    reference = None
+    if cfg.fidelity.enabled or len(candidates) > 1:
+        from .fidelity import compare_fused, gate_fused, trained_reference
+
+        reference = trained_reference(cfg, ckpt)
+
     with atomic_dir(out_dir) as tmp:
-        fuse_tensors(base_dir, tmp, adapter, soul, dtype)
-        hf = read_model_config(base_dir)
-        atomic_write_text(tmp / "config.json", json.dumps(fused_config(hf, cfg.fuse.dtype), indent=2) + "\n")
-        for name in CARRIED_FILES:
-            if (base_dir / name).is_file():
-                shutil.copyfile(base_dir / name, tmp / name)
+        scores = {}
+        for name in candidates:
+            where = tmp if len(candidates) == 1 else tmp / f".candidate-{name}"
+            write_model_folder(base_dir, where, hf, cfg.fuse.dtype)
+            fuse_tensors(base_dir, where, adapter, soul, dtype,
+                         base_weights=nf4_round_trip(nf4) if name == "dequantized" else None)
+            if reference is not None:
+                scores[name] = compare_fused(reference, where)
+        chosen = min(scores, key=lambda n: scores[n].kl) if len(candidates) > 1 else candidates[0]
+        if len(candidates) > 1:
+            for f in (tmp / f".candidate-{chosen}").iterdir():
+                f.rename(tmp / f.name)
+            for name in candidates:
+                shutil.rmtree(tmp / f".candidate-{name}", ignore_errors=True)
+            print(f"[fuse] merge base {chosen}: KL to the trained model "
+                  + ", ".join(f"{n} {scores[n].kl:.3g}" for n in candidates))
         provenance = {
             "base": cfg.model.base,
             "revision": cfg.model.revision,
@@ -191,14 +241,39 @@ def fuse(cfg: Config, checkpoint: Path | None = None, out_dir: Path | None = Non
             "alpha": soul.alpha,
             "gate": soul.gate,
             "dtype": cfg.fuse.dtype,
-            "merge_base": "original",
+            "merge_base": chosen,
+            "merge_base_setting": cfg.fuse.merge_base,
+            "merge_base_kl": {n: c.kl for n, c in scores.items()},
+            "merge_base_reason": merge_reason(cfg.fuse.merge_base, nf4, chosen),
             "tied_input": bool(hf.get("tie_word_embeddings", False)),
             "inputs": {p.name: sha256_file(p) for p in (ckpt / "adapter_model.safetensors", ckpt / SOUL_FILE)},
             "outputs": {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))},
         }
         atomic_write_text(tmp / FUSION_MARKER, json.dumps(provenance, indent=1) + "\n")
         if cfg.fidelity.enabled:
-            from .fidelity import check_fused
-
-            check_fused(cfg, ckpt, tmp)
+            gate_fused(cfg, scores[chosen], chosen)
     return out_dir
+
+
+def merge_candidates(setting: str, nf4: dict | None) -> list[str]:
+    """Which merge bases to build: without NF4 training both are the same weights."""
+    if not nf4:
+        return ["original"]
+    return ["original", "dequantized"] if setting == "auto" else [setting]
+
+
+def merge_reason(setting: str, nf4: dict | None, chosen: str) -> str:
+    if not nf4:
+        return "trained without quantization: the original weights are what the adapter saw"
+    if setting == "auto":
+        return f"auto: {chosen} is closer to the trained model (lower KL on the fidelity prompts)"
+    return f"fuse.merge_base is {setting}"
+
+
+def write_model_folder(base_dir: Path, folder: Path, hf: dict, dtype_name: str) -> None:
+    """config.json (untied, no remote code) and the tokenizer/generation files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "config.json", json.dumps(fused_config(hf, dtype_name), indent=2) + "\n")
+    for name in CARRIED_FILES:
+        if (base_dir / name).is_file():
+            shutil.copyfile(base_dir / name, folder / name)

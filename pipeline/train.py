@@ -263,6 +263,9 @@ class Trainer:
                 "base": self.base_ref,
                 "revision": None if self.cfg.base_is_local() else self.cfg.model.revision,
                 "quantization": "nf4" if self.nf4 else "none",
+                # What fuse needs to rebuild the exact NF4 weights the adapter saw.
+                "nf4": {"load_dtype": str(self.compute_dtype).removeprefix("torch."),
+                        "double_quant": self.cfg.train.double_quant, "blocksize": 64} if self.nf4 else None,
                 "train_config_sha256": self.cfg.section_digest("train"),
             }, indent=1) + "\n")
         self.log(f"[train] wrote {final}")

@@ -86,7 +86,7 @@ def test_first_run_builds_every_artifact(chain):
     assert "does not exist" in first.stdout
     report = json.loads((run / "reports" / "fidelity.json").read_text())
     assert set(report) == {"fuse", "convert", "quantize:Q4_K_M"} and all(e["passed"] for e in report.values())
-    assert "| fuse | trained | fused |" in (run / "reports" / "fidelity.md").read_text()
+    assert "| fuse | trained | fused (merge base original) |" in (run / "reports" / "fidelity.md").read_text()
     assert not list(run.rglob(".tmp-*")), "temporary files left behind"
 
 

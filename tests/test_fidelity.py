@@ -46,7 +46,7 @@ def test_gate_fails_a_wrong_fold_and_keeps_nothing(rotated_run, monkeypatch, wro
 
     fuse_module.fuse(rotated_run)  # a good fused model exists before the bad attempt
     monkeypatch.setattr(fuse_module, "fold_soul_into_head", wrong_fold)
-    with pytest.raises(FidelityError, match=r"fidelity gate failed at fuse: KL\(trained \|\| fused\)"):
+    with pytest.raises(FidelityError, match=r"fidelity gate failed at fuse: KL\(trained \|\| fused \(merge base original\)\)"):
         fuse_module.fuse(rotated_run)
     assert not rotated_run.fused_dir.exists()
     assert not list(rotated_run.run_dir.glob("**/.tmp-*"))

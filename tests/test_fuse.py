@@ -154,3 +154,44 @@ def test_incomplete_checkpoint_is_not_fused(fused_run, tmp_path):
     (ckpt / "checkpoint.json").unlink()
     with pytest.raises(FuseError, match="not a complete checkpoint"):
         fuse(fused_run, checkpoint=ckpt, out_dir=tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def nf4_run(tiny_phi3_dir, tmp_path_factory):
+    """QLoRA on CPU: an NF4 base (float32 compute), trained a few steps."""
+    from pipeline.train import train
+
+    root = tmp_path_factory.mktemp("nf4")
+    cfg = load_config(write_config(root / "c.yaml", small_config(
+        tiny_phi3_dir, root / "b", train={"quantization": "nf4", "compute_dtype": "float32"})))
+    train(cfg)
+    return cfg
+
+
+def with_merge_base(cfg, merge_base):
+    return cfg.model_copy(update={"fuse": cfg.fuse.model_copy(update={"merge_base": merge_base})})
+
+
+def test_merge_into_dequantized_weights_reproduces_the_nf4_trained_model(nf4_run, tmp_path, tokenizer):
+    from pipeline.chat import load_trained
+    from pipeline.fuse import fuse
+
+    trained, _ = load_trained(nf4_run.final_checkpoint, device=torch.device("cpu"))
+    deq = load_lm(fuse(with_merge_base(nf4_run, "dequantized"), out_dir=tmp_path / "deq"))
+    orig = load_lm(fuse(with_merge_base(nf4_run, "original"), out_dir=tmp_path / "orig"))
+    for text in PROMPTS:
+        t = logits(trained, tokenizer, text)
+        assert (t - logits(deq, tokenizer, text)).abs().max() < 1e-4
+        assert (t - logits(orig, tokenizer, text)).abs().max() > 1e-3  # NF4 error: the original differs
+
+
+def test_auto_merge_base_keeps_the_closer_one_and_says_why(nf4_run, tmp_path):
+    from pipeline.fuse import fuse
+
+    out = fuse(with_merge_base(nf4_run, "auto"), out_dir=tmp_path / "auto")
+    prov = json.loads((out / "fusion.json").read_text())
+    assert prov["merge_base"] == "dequantized" and prov["merge_base_setting"] == "auto"
+    assert prov["merge_base_kl"]["dequantized"] < prov["merge_base_kl"]["original"]
+    assert "closer to the trained model" in prov["merge_base_reason"]
+    assert not list(out.glob(".candidate-*"))
+    assert json.loads((nf4_run.final_checkpoint / "checkpoint.json").read_text())["nf4"]["blocksize"] == 64
