@@ -106,6 +106,7 @@ class FuseSection(_Section):
 class GgufSection(_Section):
     outtype: Literal["f32", "f16", "bf16", "q8_0"] = "f16"
     quantizations: list[str] = Field(default_factory=lambda: ["Q4_K_M"], min_length=1)
+    output_tensor_type: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_]+$")
 
 
 class FidelitySection(_Section):
@@ -198,7 +199,7 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "train": ("run.seed", "model", "data", "train", "soul"),
     "fuse": ("fuse", "fidelity"),  # merge_base auto compares candidates with the gate's prompts
     "convert": ("gguf.outtype", "fidelity"),
-    "quantize": ("fidelity",),
+    "quantize": ("gguf.output_tensor_type", "fidelity"),
     "modelfile": ("ollama", "gguf.quantizations"),  # FROM names the first quantization
     "register": ("ollama.model",),
 }

@@ -26,7 +26,7 @@ from .config import CHECKPOINT_MARKER, FUSION_MARKER, SOUL_BLOCK, Config
 from .errors import FuseError
 from .hf import DTYPES, read_model_config, resolve_base
 from .soul import SOUL_FILE, SoulState, fold_soul_into_head, load_soul
-from .tensors import weight_shards, write_safetensors
+from .tensors import SafetensorsReader, weight_shards, write_safetensors
 
 HEAD = "lm_head.weight"
 EMBED = "model.embed_tokens.weight"
@@ -118,32 +118,40 @@ def fuse_tensors(base_dir: Path, out_dir: Path, adapter: LoraAdapter, soul: Soul
     head_written = False
     weight_map: dict[str, str] = {}
     for shard in weight_shards(base_dir):
-        with safe_open(str(shard), framework="pt") as f:
-            names = list(f.keys())
-            if tied and EMBED in names and HEAD not in names:
-                names.append(HEAD)  # untie: the folded head becomes its own tensor
+        with SafetensorsReader(shard) as f:
+            names = f.keys()
+            untie = tied and EMBED in names and HEAD not in names
+            if untie:
+                names.append(HEAD)  # the folded head becomes its own tensor
+
+            def source(name: str) -> str:
+                return EMBED if name == HEAD and untie else name
+
             specs = []
             for n in names:
-                src = f.get_slice(EMBED if n == HEAD and tied and HEAD not in f.keys() else n)
-                src_dtype = _safetensors_dtype(src.get_dtype())
-                specs.append((n, dtype if src_dtype.is_floating_point else src_dtype, tuple(src.get_shape())))
+                src_dtype, shape = f.spec(source(n))
+                specs.append((n, dtype if src_dtype.is_floating_point else src_dtype, shape))
 
             def produce(name: str, f=f) -> torch.Tensor:
                 nonlocal head_written
-                src = EMBED if name == HEAD and tied and HEAD not in f.keys() else name
-                w = f.get_tensor(src)
+                w = f.get(source(name))
+                delta = adapter.delta(name)
                 if not w.is_floating_point():
                     return w
+                if delta is None and base_weights is None:
+                    if name == HEAD:  # the fold works in float32 a few rows at a time
+                        head_written = True
+                        return fold_soul_into_head(w, soul.rotation, soul.alpha, out_dtype=dtype)
+                    return w.to(dtype)  # untouched: one rounding, no float32 copy
                 w = w.float() if base_weights is None else base_weights(name, w).float()
-                delta = adapter.delta(name)
                 if delta is not None:
                     if delta.shape != w.shape:
                         raise FuseError(f"LoRA for {name} has shape {tuple(delta.shape)}, base has {tuple(w.shape)}")
-                    w = w + delta
+                    w += delta
                     unused.discard(name)
                 if name == HEAD:
-                    w = fold_soul_into_head(w, soul.rotation, soul.alpha)
                     head_written = True
+                    return fold_soul_into_head(w, soul.rotation, soul.alpha, out_dtype=dtype)
                 return w.to(dtype)
 
             write_safetensors(out_dir / shard.name, specs, produce, metadata={"format": "pt"})

@@ -56,4 +56,4 @@ def quantize(cfg: Config, qtype: str) -> Path:
 
         def check(tmp: Path) -> None:
             check_quantized(cfg, src, tmp, matches[0])
-    return llamacpp.quantize(src, out, matches[0], check=check)
+    return llamacpp.quantize(src, out, matches[0], output_tensor_type=cfg.gguf.output_tensor_type, check=check)

@@ -329,7 +329,7 @@ def _canonical_qtype(qtype: str) -> str:
 
 
 def quantize(src: Path, out_path: Path, qtype: str, *, threads: int | None = None,
-             check: Callable[[Path], None] | None = None) -> Path:
+             output_tensor_type: str | None = None, check: Callable[[Path], None] | None = None) -> Path:
     """Quantize a GGUF with the pinned llama-quantize.
 
     Note: k-quants need tensor rows divisible by 256 and every quant needs multiples of 32;
@@ -339,7 +339,9 @@ def quantize(src: Path, out_path: Path, qtype: str, *, threads: int | None = Non
     Inputs: src, an f32/f16/bf16 GGUF (validated first); out_path, the .gguf to write (its folder
     is created; an existing file is replaced only on success); qtype, a name from QUANT_TYPES,
     in any case ("q4_k_m" works); threads, llama-quantize's thread count (default: its own);
-    check, called with the finished temporary file before it is renamed.
+    output_tensor_type, a ggml type name (f16, q8_0, q6_K, ...) for output.weight, the LM
+    head (which carries the folded soul); check, called with the finished temporary file
+    before it is renamed.
     Outputs: out_path, a validated GGUF.
     Errors: ValueError for an unknown qtype or threads < 1; GGUFError when src is not a valid
     GGUF; ToolchainError when llama.cpp is not built; ToolRunError when llama-quantize fails
@@ -352,6 +354,8 @@ def quantize(src: Path, out_path: Path, qtype: str, *, threads: int | None = Non
     src, out_path = Path(src), Path(out_path)
     validate_gguf(src)
     cmd = [str(tool("llama-quantize"))]
+    if output_tensor_type:
+        cmd += ["--output-tensor-type", output_tensor_type]
     with _gguf_output(out_path, "llama-quantize", check) as tmp:
         args = [str(src), str(tmp), name] + ([str(threads)] if threads is not None else [])
         _run_tool(cmd + args, what=f"llama-quantize ({src} -> {name})")

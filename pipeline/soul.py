@@ -163,10 +163,13 @@ class SoulHead(nn.Module):
         return self.head(self.soul(h))
 
 
-def fold_soul_into_head(weight: torch.Tensor, rotation: torch.Tensor, alpha: float) -> torch.Tensor:
-    """W' = W + sigmoid(alpha) * W R, computed in float32, returned in W's dtype.
+def fold_soul_into_head(weight: torch.Tensor, rotation: torch.Tensor, alpha: float,
+                        out_dtype: torch.dtype | None = None, rows: int = 4096) -> torch.Tensor:
+    """W' = W + sigmoid(alpha) * W R, computed in float32, returned in out_dtype (default W's).
 
-    weight: [vocab, hidden]; rotation: [hidden/8, 8, 8].
+    weight: [vocab, hidden]; rotation: [hidden/8, 8, 8]. Computed `rows`
+    vocabulary rows at a time, so the float32 temporaries stay small next to
+    a 32k x 3072 head.
     """
     vocab, hidden = weight.shape
     if hidden != rotation.shape[0] * SOUL_BLOCK:
@@ -174,9 +177,13 @@ def fold_soul_into_head(weight: torch.Tensor, rotation: torch.Tensor, alpha: flo
             f"soul has {rotation.shape[0]} blocks ({rotation.shape[0] * SOUL_BLOCK} dims) "
             f"but the head's hidden size is {hidden}"
         )
-    w = weight.float()
-    wr = torch.einsum("vbi,bij->vbj", w.view(vocab, -1, SOUL_BLOCK), rotation.float()).reshape(vocab, hidden)
-    return (w + sigmoid(alpha) * wr).to(weight.dtype)
+    r, g = rotation.float(), sigmoid(alpha)
+    out = torch.empty((vocab, hidden), dtype=out_dtype or weight.dtype, device=weight.device)
+    for start in range(0, vocab, rows):
+        w = weight[start:start + rows].float()
+        wr = torch.einsum("vbi,bij->vbj", w.view(w.shape[0], -1, SOUL_BLOCK), r).reshape(w.shape)
+        out[start:start + rows] = w + g * wr
+    return out
 
 
 @dataclass(frozen=True)

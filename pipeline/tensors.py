@@ -23,6 +23,65 @@ _DTYPE_NAMES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+
+class SafetensorsReader:
+    """Reads one tensor at a time from a .safetensors file with plain reads.
+
+    safe_open memory-maps the file, and every page a tensor read touches stays
+    in the process's resident set until the file is closed: a 5 GB shard
+    would count 5 GB. Reading each tensor's bytes into its own buffer keeps
+    memory at the tensor being processed. Raises ValueError naming the file
+    when the header is malformed or a tensor lies past the end of the file.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._f = open(self.path, "rb")
+        size = self.path.stat().st_size
+        try:
+            (n,) = struct.unpack("<Q", self._f.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(self._f.read(n))
+        except (struct.error, ValueError) as e:
+            self._f.close()
+            raise ValueError(f"{self.path}: not a valid safetensors file ({e})") from None
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self._start = 8 + n
+        self._entries = header
+        for name, e in header.items():
+            if e["dtype"] not in _DTYPES or self._start + e["data_offsets"][1] > size:
+                self._f.close()
+                raise ValueError(f"{self.path}: tensor {name} is truncated or has an unknown dtype")
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        e = self._entries[name]
+        return _DTYPES[e["dtype"]], tuple(e["shape"])
+
+    def get(self, name: str) -> torch.Tensor:
+        dtype, shape = self.spec(name)
+        begin, end = self._entries[name]["data_offsets"]
+        buf = bytearray(end - begin)
+        self._f.seek(self._start + begin)
+        if self._f.readinto(buf) != len(buf):
+            raise ValueError(f"{self.path}: tensor {name} is truncated")
+        if not buf:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def weight_shards(model_dir: Path) -> list[Path]:
@@ -72,7 +131,7 @@ def write_safetensors(
                 t = produce(name)
                 if t.dtype != dtype or tuple(t.shape) != tuple(shape):
                     raise ValueError(f"{name}: produced {t.dtype} {tuple(t.shape)}, expected {dtype} {tuple(shape)}")
-                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -195,3 +195,21 @@ def test_auto_merge_base_keeps_the_closer_one_and_says_why(nf4_run, tmp_path):
     assert "closer to the trained model" in prov["merge_base_reason"]
     assert not list(out.glob(".candidate-*"))
     assert json.loads((nf4_run.final_checkpoint / "checkpoint.json").read_text())["nf4"]["blocksize"] == 64
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_fused_equals_trained_at_another_hidden_size(tmp_path, tied):
+    from pipeline.fuse import fuse
+    from pipeline.tiny import build_tiny_phi3
+    from pipeline.train import train
+    from transformers import AutoTokenizer
+
+    base = build_tiny_phi3(tmp_path / "base", hidden_size=128, intermediate_size=256, num_heads=2,
+                           tie_word_embeddings=tied)
+    cfg = load_config(write_config(tmp_path / "c.yaml", small_config(base, tmp_path / "b")))
+    train(cfg)
+    trained, fused = trained_model(base, cfg.final_checkpoint), load_lm(fuse(cfg))
+    tok = AutoTokenizer.from_pretrained(str(base))
+    for text in PROMPTS:
+        t, f = logits(trained, tok, text), logits(fused, tok, text)
+        assert (t - f).abs().max() < 1e-4

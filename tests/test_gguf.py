@@ -93,3 +93,17 @@ def test_gguf_logits_follow_the_fused_model(llama_cpp, ggufs, hf):
         assert (f16.argmax(-1) == want.argmax(-1)).mean() > 0.95
         assert kl(want, q4) < 0.2  # k-quants are lossy; issue-level gates come later
 
+
+
+def test_output_tensor_type_protects_the_folded_head(fused_run, ggufs, llama_cpp):
+    from gguf import GGUFReader
+
+    from pipeline.gguf import quantize
+
+    plain = {t.name: t.tensor_type.name for t in GGUFReader(str(ggufs["Q4_K_M"])).tensors}
+    assert plain["output.weight"] != "Q8_0"
+    cfg = fused_run.model_copy(update={"gguf": fused_run.gguf.model_copy(
+        update={"outtype": "f16", "output_tensor_type": "q8_0", "quantizations": ["Q4_K_M"]})})
+    out = quantize(cfg, "Q4_K_M")  # replaces the fixture's file: this test runs last in the module
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(out)).tensors}
+    assert types["output.weight"] == "Q8_0"
