@@ -135,21 +135,19 @@ def fuse_tensors(base_dir: Path, out_dir: Path, adapter: LoraAdapter, soul: Soul
             def produce(name: str, f=f) -> torch.Tensor:
                 nonlocal head_written
                 w = f.get(source(name))
-                delta = adapter.delta(name)
                 if not w.is_floating_point():
                     return w
-                if delta is None and base_weights is None:
-                    if name == HEAD:  # the fold works in float32 a few rows at a time
-                        head_written = True
-                        return fold_soul_into_head(w, soul.rotation, soul.alpha, out_dtype=dtype)
-                    return w.to(dtype)  # untouched: one rounding, no float32 copy
-                w = w.float() if base_weights is None else base_weights(name, w).float()
+                delta = adapter.delta(name)
+                # Only a changed weight goes through float32; an untouched one is
+                # rounded once to the output dtype, with no float32 copy.
+                if base_weights is not None:
+                    w = base_weights(name, w).float()
                 if delta is not None:
                     if delta.shape != w.shape:
                         raise FuseError(f"LoRA for {name} has shape {tuple(delta.shape)}, base has {tuple(w.shape)}")
-                    w += delta
+                    w = w.float() + delta
                     unused.discard(name)
-                if name == HEAD:
+                if name == HEAD:  # the fold works in float32, a few rows at a time
                     head_written = True
                     return fold_soul_into_head(w, soul.rotation, soul.alpha, out_dtype=dtype)
                 return w.to(dtype)

@@ -2,12 +2,14 @@
 
 The life of a run: `setup` loads the base (4-bit NF4 through bitsandbytes
 when configured), wraps it with LoRA, puts the soul in front of the LM head
-and tokenizes the data; `train` runs the optimizer steps with alpha set by
-the phase-transition schedule; `save_checkpoint` writes
+and tokenizes the data; `resume` picks up the newest complete checkpoint of
+the same config; `train` runs the optimizer steps with alpha set by the
+phase-transition schedule; `save_checkpoint` writes
 `checkpoints/step_NNNNNN/` every `save_every` steps and `checkpoints/final/`
 at the end. Each checkpoint folder holds the PEFT adapter
-(adapter_config.json, adapter_model.safetensors), soul.safetensors and
-checkpoint.json, which is written last and marks the folder complete.
+(adapter_config.json, adapter_model.safetensors), soul.safetensors, the
+trainer state and checkpoint.json, which is written last into a temporary
+folder that is then renamed: an interrupted write is never a checkpoint.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from .checkpoint import (
 )
 from .config import CHECKPOINT_MARKER, Config
 from .data import IGNORE, collate, example_order, load_examples
-from .hf import DTYPES, guard_nf4_cpu_repack, load_causal_lm, load_tokenizer, pick_device, resolve_base
+from .hf import DTYPES, load_causal_lm, load_tokenizer, pick_device, resolve_base
 from .soul import SOUL_FILE, SO8Soul, SoulHead, alpha_at, load_soul, orthogonality_error, phase_at, save_soul
 
 def use_nf4(cfg: Config, device: torch.device) -> bool:
@@ -88,8 +90,6 @@ class Trainer:
         )
         self.model = wrap_with_lora_and_soul(model, cfg, alpha=alpha_at(0, cfg.soul))
         self.anneal_end = cfg.soul.warmup_steps + cfg.soul.anneal_steps
-        if self.nf4:
-            guard_nf4_cpu_repack(self.model)
         if cfg.train.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.soul = soul_of(self.model)
@@ -425,6 +425,9 @@ def train(cfg: Config) -> Path:
 
     Input: a validated Config. Output: the path of `checkpoints/final/`
     (plus `step_NNNNNN/` folders and `metrics.jsonl` under the run folder).
+    Resumes from the newest complete checkpoint of the same config; returns
+    at once when `final/` already holds this config's result. Under torchrun
+    (WORLD_SIZE > 1) each process trains on its share of every step.
     Raises ModelError (base model), DataError (dataset, naming file and line).
     """
     final = cfg.final_checkpoint
