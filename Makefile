@@ -15,6 +15,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 TINY    := build/tiny-phi3
 PYTEST_ARGS ?=
+PROMPT  ?= こんにちは。自己紹介をしてください。
 
 SUBMAKE := $(MAKE) --no-print-directory -f pipeline.mk PY=$(PY) NPROC=$(NPROC)
 VENV_READY := $(VENV)/.installed
@@ -57,16 +58,17 @@ llama-cpp: $(LLAMA_READY) ## Build the pinned llama.cpp (cached outside the clon
 
 # ---- the pipeline (see pipeline.mk) --------------------------------------
 
-.PHONY: train fuse gguf modelfile ollama
+.PHONY: train fuse gguf modelfile ollama ollama-run
 train fuse: $(VENV_READY)
 	@$(SUBMAKE) $@ CONFIG=$(CONFIG)
-gguf modelfile ollama: $(VENV_READY) $(LLAMA_READY)
-	@$(SUBMAKE) $@ CONFIG=$(CONFIG)
+gguf modelfile ollama ollama-run: $(VENV_READY) $(LLAMA_READY)
+	@$(SUBMAKE) $@ CONFIG=$(CONFIG) PROMPT="$(PROMPT)"
 train: ## Train LoRA + soul: checkpoints/final
 fuse: ## Merge LoRA and fold the soul: fused/ (HF model)
 gguf: ## Convert and quantize: gguf/*.gguf
 modelfile: ## Render the Ollama Modelfile
-ollama: ## Register the model with Ollama
+ollama: ## Register the model with Ollama and check that it answers
+ollama-run: ## Ask the registered model: make ollama-run PROMPT="..."
 
 $(TINY)/config.json: pipeline/tiny.py | $(VENV_READY)
 	@echo "==> [tiny-model] building the tiny offline Phi-3 demo base"

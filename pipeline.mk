@@ -63,6 +63,11 @@ $(OLLAMA_STAMP): $(MODELFILE) $(SERVED_GGUF) $(STAMP_DIR)/register.stamp
 	$(call announce,ollama)
 	$(PIPE) register --config $(CONFIG)
 
+# Talk to the registered model: make ollama-run PROMPT="富士山について教えて"
+.PHONY: ollama-run
+ollama-run: $(OLLAMA_STAMP)
+	@$(PIPE) ask --config $(CONFIG) --prompt "$(PROMPT)"
+
 # For `make demo`: register when an Ollama is reachable, else say how to get one and stop cleanly.
 .PHONY: ollama-if-available
 ollama-if-available: $(MODELFILE)

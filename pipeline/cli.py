@@ -74,6 +74,13 @@ def _cmd_register(args) -> int:
     return 0
 
 
+def _cmd_ask(args) -> int:
+    from .ollama import ask
+
+    print(ask(load_config(args.config), args.prompt))
+    return 0
+
+
 def _cmd_ollama_status(args) -> int:
     from .ollama import how_to_get_ollama, unavailable_reason
 
@@ -140,7 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("quantize", _cmd_quantize, "Quantize the converted GGUF with llama-quantize.")
     sp.add_argument("--type", required=True, help="one of gguf.quantizations, e.g. Q4_K_M")
     command("modelfile", _cmd_modelfile, "Render the Ollama Modelfile for the run.")
-    command("register", _cmd_register, "Register the model with Ollama (`ollama create`) and write ollama.json.")
+    command("register", _cmd_register,
+            "Register the model with Ollama (CLI or REST API), prove it answers and stops, write ollama.json.")
+    sp = command("ask", _cmd_ask, "Send one chat message to the registered Ollama model and print the answer.")
+    sp.add_argument("--prompt", required=True)
     command("ollama-status", _cmd_ollama_status,
             "Exit 0 when Ollama is reachable; else say how to get one and exit 3.")
     sp = command("chat", _cmd_chat, "Talk to a training checkpoint (base + LoRA + soul, as trained).", config=False)

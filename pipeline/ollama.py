@@ -1,15 +1,22 @@
-"""Stage 4, ollama: render the Modelfile and register the model with Ollama.
+"""Stage 4, ollama: render the Modelfile, register the model, prove it answers.
 
 `render_modelfile` joins `FROM <quantized gguf>`, the model family's chat
 template and stop tokens (`modelfiles/<family>.Modelfile`), the configured
-parameters and the system prompt. `register` runs `ollama create` and then
-writes `ollama.json` (model name, GGUF and Modelfile sha256), the stamp that
+parameters and the system prompt. `register` creates the model with the
+`ollama` CLI when it is installed, and otherwise through Ollama's REST API at
+OLLAMA_HOST (the GGUF uploaded as a blob named by its sha256, skipped when
+the server has it): the way a container reaches an Ollama on its host. Then
+one greedy Japanese chat request must come back non-empty, ended by a stop
+token (done_reason "stop", not "length") and free of "<|": `ollama create`
+reports success for models that then fail to load or never stop. Only then is
+`ollama.json` written (model name, GGUF and Modelfile sha256), the stamp that
 tells Make the registration is current.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import urllib.error
@@ -30,6 +37,16 @@ def family_template(family: str) -> str:
         known = sorted(p.stem for p in MODELFILES.glob("*.Modelfile"))
         raise OllamaError(f"ollama.family: no template {path.name} in modelfiles/ (known: {', '.join(known)})")
     return path.read_text(encoding="utf-8")
+
+
+def family_spec(family: str) -> tuple[str, list[str]]:
+    """The TEMPLATE text and the stop strings of a family's Modelfile fragment."""
+    text = family_template(family)
+    template = re.search(r'^TEMPLATE """(.*?)"""', text, re.S | re.M)
+    if template is None:
+        raise OllamaError(f"modelfiles/{family}.Modelfile: no TEMPLATE \"\"\"...\"\"\" block")
+    stops = re.findall(r'^PARAMETER stop "(.*)"$', text, re.M)
+    return template.group(1), stops
 
 
 def primary_quantization(cfg: Config) -> str:
@@ -73,16 +90,71 @@ def ollama_host() -> str:
     return host.rstrip("/")
 
 
+class OllamaClient:
+    """The few endpoints of Ollama's REST API this pipeline uses."""
+
+    def __init__(self, host: str | None = None, timeout: float = 600):
+        self.host = host or ollama_host()
+        self.timeout = timeout
+
+    def _call(self, method: str, path: str, body: dict | None = None, data=None, headers=None,
+              timeout: float | None = None) -> tuple[int, dict]:
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers = {"Content-Type": "application/json", **(headers or {})}
+        req = urllib.request.Request(f"{self.host}{path}", data=data, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as r:
+                raw = r.read()
+                return r.status, (json.loads(raw) if raw.strip() else {})
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            try:
+                detail = json.loads(raw).get("error", raw.decode(errors="replace"))
+            except ValueError:
+                detail = raw.decode(errors="replace")
+            return e.code, {"error": detail}
+        except (urllib.error.URLError, OSError) as e:
+            raise OllamaError(f"no Ollama server answers at {self.host} ({getattr(e, 'reason', e)})") from None
+
+    def version(self) -> str:
+        status, body = self._call("GET", "/api/version", timeout=3)
+        if status != 200:
+            raise OllamaError(f"{self.host}/api/version answered {status}: {body.get('error')}")
+        return body.get("version", "?")
+
+    def has_blob(self, digest: str) -> bool:
+        status, _ = self._call("HEAD", f"/api/blobs/{digest}")
+        return status == 200
+
+    def push_blob(self, path: Path, digest: str) -> None:
+        with open(path, "rb") as f:
+            status, body = self._call("POST", f"/api/blobs/{digest}", data=f, headers={
+                "Content-Length": str(path.stat().st_size), "Content-Type": "application/octet-stream"})
+        if status not in (200, 201):
+            raise OllamaError(f"uploading {path.name} to {self.host} failed ({status}): {body.get('error')}")
+
+    def create(self, model: str, files: dict[str, str], template: str, system: str, parameters: dict) -> None:
+        status, body = self._call("POST", "/api/create", {
+            "model": model, "files": files, "template": template, "system": system or None,
+            "parameters": parameters, "stream": False})
+        if status != 200 or body.get("status") != "success":
+            raise OllamaError(f"creating {model} on {self.host} failed ({status}): {body.get('error', body)}")
+
+    def chat(self, model: str, messages: list[dict], options: dict) -> dict:
+        status, body = self._call("POST", "/api/chat", {
+            "model": model, "messages": messages, "stream": False, "options": options})
+        if status != 200:
+            raise OllamaError(f"chat with {model} on {self.host} failed ({status}): {body.get('error')}")
+        return body
+
+
 def unavailable_reason() -> str | None:
-    """None when `ollama` is on PATH and its server answers; else why not."""
-    host = ollama_host()
-    if shutil.which("ollama") is None:
-        return "the `ollama` command is not on PATH"
+    """None when an Ollama server answers at OLLAMA_HOST; else why not."""
     try:
-        with urllib.request.urlopen(f"{host}/api/version", timeout=3) as r:
-            json.load(r)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        return f"no Ollama server answers at {host} ({getattr(e, 'reason', e)})"
+        OllamaClient().version()
+    except OllamaError as e:
+        return str(e)
     return None
 
 
@@ -96,21 +168,12 @@ def how_to_get_ollama(reason: str, cfg: Config) -> str:
     )
 
 
-def register(cfg: Config) -> Path:
-    """Create the Ollama model from the Modelfile and write the stamp.
+def sha256_digest(path: Path) -> str:
+    return "sha256:" + sha256_file(path)
 
-    Output: `<run>/ollama.json`. Raises OllamaError (with how to install or
-    point at an Ollama) when none is reachable or `ollama create` fails; no
-    stamp is written then.
-    """
-    reason = unavailable_reason()
-    if reason:
-        raise OllamaError(how_to_get_ollama(reason, cfg))
+
+def create_with_cli(cfg: Config) -> None:
     modelfile = cfg.modelfile_path
-    gguf = cfg.gguf_path(primary_quantization(cfg))
-    for p in (modelfile, gguf):
-        if not p.is_file():
-            raise OllamaError(f"{p}: missing; run `make gguf` and `make modelfile` first")
     print(f"[ollama] ollama create {cfg.ollama.model} -f {modelfile}")
     proc = subprocess.run(
         ["ollama", "create", cfg.ollama.model, "-f", modelfile.name],
@@ -119,13 +182,81 @@ def register(cfg: Config) -> Path:
     )
     if proc.returncode != 0:
         raise OllamaError(f"`ollama create` failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()[-2000:]}")
+
+
+def create_with_api(cfg: Config, client: OllamaClient, gguf: Path) -> None:
+    digest = sha256_digest(gguf)
+    if client.has_blob(digest):
+        print(f"[ollama] {client.host} already has {gguf.name} ({digest[:19]}...)")
+    else:
+        print(f"[ollama] uploading {gguf.name} to {client.host}")
+        client.push_blob(gguf, digest)
+    template, stops = family_spec(cfg.ollama.family)
+    client.create(cfg.ollama.model, {gguf.name: digest}, template, cfg.ollama.system,
+                  {**cfg.ollama.parameters, "stop": stops})
+
+
+PROOF_PROMPT = "こんにちは。自己紹介を一文でしてください。"
+
+
+def prove_it_answers(cfg: Config, client: OllamaClient) -> str:
+    """One greedy Japanese chat turn: non-empty, ended by a stop token, no "<|"."""
+    reply = client.chat(cfg.ollama.model, [{"role": "user", "content": PROOF_PROMPT}],
+                        {"temperature": 0, "num_predict": 512})
+    text = (reply.get("message") or {}).get("content", "")
+    problems = []
+    if not text.strip():
+        problems.append("the answer is empty")
+    if reply.get("done_reason") != "stop":
+        problems.append(f"it ended by {reply.get('done_reason')!r}, not by a stop token (check the template and stops)")
+    if "<|" in text:
+        problems.append("the answer contains a raw special token '<|' (the stop tokens are not set right)")
+    if problems:
+        raise OllamaError(f"{cfg.ollama.model} was created but does not answer properly: {'; '.join(problems)}. "
+                          f"Answer: {text[:200]!r}")
+    return text
+
+
+def register(cfg: Config) -> Path:
+    """Create the Ollama model, prove it answers and stops, then write the stamp.
+
+    Output: `<run>/ollama.json`. Raises OllamaError (with how to install or
+    point at an Ollama) when none is reachable, when creation fails, or when
+    the model does not answer properly; no stamp is written then. A GGUF that
+    fails validation is never uploaded.
+    """
+    from .llamacpp import validate_gguf
+
+    reason = unavailable_reason()
+    if reason:
+        raise OllamaError(how_to_get_ollama(reason, cfg))
+    modelfile = cfg.modelfile_path
+    gguf = cfg.gguf_path(primary_quantization(cfg))
+    for p in (modelfile, gguf):
+        if not p.is_file():
+            raise OllamaError(f"{p}: missing; run `make gguf` and `make modelfile` first")
+    validate_gguf(gguf)
+    client = OllamaClient()
+    if shutil.which("ollama"):
+        create_with_cli(cfg)
+    else:
+        create_with_api(cfg, client, gguf)
+    answer = prove_it_answers(cfg, client)
     stamp = {
         "model": cfg.ollama.model,
-        "host": ollama_host(),
+        "host": client.host,
         "gguf": gguf.name,
         "gguf_sha256": sha256_file(gguf),
         "modelfile_sha256": sha256_file(modelfile),
+        "proof": {"prompt": PROOF_PROMPT, "answer": answer},
     }
-    atomic_write_text(cfg.ollama_stamp, json.dumps(stamp, indent=1) + "\n")
-    print(f"[ollama] registered {cfg.ollama.model}; try: ollama run {cfg.ollama.model}")
+    atomic_write_text(cfg.ollama_stamp, json.dumps(stamp, indent=1, ensure_ascii=False) + "\n")
+    print(f"[ollama] registered {cfg.ollama.model}; it answered: {answer[:80]!r}")
+    print(f"[ollama] try: make ollama-run PROMPT=\"...\" (or ollama run {cfg.ollama.model})")
     return cfg.ollama_stamp
+
+
+def ask(cfg: Config, prompt: str) -> str:
+    """One chat turn with the registered model (make ollama-run)."""
+    reply = OllamaClient().chat(cfg.ollama.model, [{"role": "user", "content": prompt}], {})
+    return (reply.get("message") or {}).get("content", "")
