@@ -247,3 +247,37 @@ def test_real_ollama_registers_answers_and_stops(built):
         pytest.skip(reason)
     stamp = json.loads(register(built).read_text())
     assert stamp["proof"]["answer"]
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "こんにちは"}],
+    [{"role": "system", "content": "丁寧に答えてください。"}, {"role": "user", "content": "富士山の高さは？"}],
+    [{"role": "user", "content": "おすすめの本は？"}, {"role": "assistant", "content": "『坊っちゃん』です。"},
+     {"role": "user", "content": "作者は？"}],
+    [{"role": "system", "content": "You are kind."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "黄金比は？\n改行も。"}],
+]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS, ids=["user", "system", "multi-turn", "mixed"])
+def test_ollama_template_renders_what_the_tokenizer_renders(tiny_phi3_dir, messages):
+    """Ollama's TEMPLATE (rendered by tests/gotemplate.py, a subset of Go's
+    text/template) gives the same prompt text as the model's own chat template."""
+    from gotemplate import render
+    from transformers import AutoTokenizer
+
+    from pipeline.ollama import family_spec
+
+    template, _ = family_spec("phi3")
+    want = AutoTokenizer.from_pretrained(str(tiny_phi3_dir)).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    got = render(template, {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]})
+    assert got == want
+
+
+def test_the_oracle_can_tell_a_wrong_template():
+    from gotemplate import render
+
+    wrong = '{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}\n{{ end }}<|assistant|>\n'
+    got = render(wrong, {"Messages": [{"Role": "user", "Content": "hi"}]})
+    assert got == "<|user|>\nhi\n<|assistant|>\n"  # no <|end|>: the Phi-3 check would fail it
