@@ -121,6 +121,8 @@ class FidelitySection(_Section):
 class OllamaSection(_Section):
     model: str = Field(default="agiasi-borea", pattern=r"^[a-z0-9][a-z0-9._/:-]*$")
     family: str = "phi3"
+    template: str | None = None  # a TEMPLATE of your own instead of the family's (needs `stop`)
+    stop: list[str] | None = None
     system: str = ""
     parameters: dict[str, float | int | str] = Field(default_factory=dict)
 
@@ -305,6 +307,10 @@ def _check_values(cfg: Config) -> list[str]:
             problems.append(f"soul.{key}: must be a finite number")
     if len(set(q.upper() for q in cfg.gguf.quantizations)) != len(cfg.gguf.quantizations):
         problems.append("gguf.quantizations: lists a type twice")
+    if (cfg.ollama.template is None) != (cfg.ollama.stop is None):
+        problems.append("ollama.template and ollama.stop go together: a custom template needs its stop tokens")
+    if "stop" in cfg.ollama.parameters:
+        problems.append("ollama.parameters.stop: stop tokens come from the chat format (ollama.family or ollama.stop)")
     for q in cfg.gguf.quantizations:
         if not q.replace("_", "").isalnum():
             problems.append(f"gguf.quantizations: {q!r} is not a quantization type name")

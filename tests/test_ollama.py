@@ -281,3 +281,26 @@ def test_the_oracle_can_tell_a_wrong_template():
     wrong = '{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}\n{{ end }}<|assistant|>\n'
     got = render(wrong, {"Messages": [{"Role": "user", "Content": "hi"}]})
     assert got == "<|user|>\nhi\n<|assistant|>\n"  # no <|end|>: the Phi-3 check would fail it
+
+
+def test_stops_are_checked_against_the_models_own_files(cfg, tmp_path):
+    from pipeline.ollama import required_stops
+
+    base = cfg.resolve(cfg.model.base)
+    assert required_stops(base) == set(STOPS)
+    custom = cfg.model_copy(update={"ollama": cfg.ollama.model_copy(
+        update={"template": "{{ .Prompt }}", "stop": ["<|end|>", "<|user|>"]})})
+    with pytest.raises(OllamaError, match=r"stops lack \['<\|assistant\|>', '<\|endoftext\|>', '<\|system\|>'\]"):
+        write_modelfile(custom)
+    assert not custom.modelfile_path.exists()
+    full = cfg.model_copy(update={"ollama": cfg.ollama.model_copy(update={"template": "{{ .Prompt }}", "stop": STOPS})})
+    text = write_modelfile(full).read_text(encoding="utf-8")
+    assert 'TEMPLATE """{{ .Prompt }}"""' in text and "# Chat format from ollama.template" in text
+
+
+def test_custom_template_needs_its_stops(tiny_phi3_dir, tmp_path):
+    from pipeline.config import ConfigError
+
+    bad = small_config(tiny_phi3_dir, tmp_path / "b", ollama={"template": "{{ .Prompt }}"})
+    with pytest.raises(ConfigError, match="ollama.template and ollama.stop go together"):
+        load_config(write_config(tmp_path / "c.yaml", bad))
