@@ -129,7 +129,7 @@ class Trainer:
         digest = self.cfg.section_digest("train")
         if self.dist.is_main:
             remove_leftovers(self.ckpt_dir)
-            for step, folder, marker in complete_steps(self.ckpt_dir):
+            for _, folder, marker in complete_steps(self.ckpt_dir):
                 if marker.get("train_config_sha256") != digest:
                     self.log(f"[train] removing {folder.name}: it was trained with another config")
                     shutil.rmtree(folder)
