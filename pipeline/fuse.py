@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from .artifacts import atomic_dir, atomic_write_text, sha256_file
+from .checkpoint import read_marker
 from .config import CHECKPOINT_MARKER, FUSION_MARKER, SOUL_BLOCK, Config
 from .errors import FuseError
 from .hf import DTYPES, read_model_config, resolve_base
@@ -173,13 +174,6 @@ def check_soul_fits(soul: SoulState, hf: dict) -> None:
         )
 
 
-def _safetensors_dtype(name: str) -> torch.dtype:
-    table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
-    return table[name]
-
-
 def fused_config(hf: dict, dtype_name: str) -> dict:
     """The base's config.json for the fused model: untied, no remote code."""
     out = {k: v for k, v in hf.items() if k != "auto_map"}
@@ -202,12 +196,12 @@ def fuse(cfg: Config, checkpoint: Path | None = None, out_dir: Path | None = Non
     """
     ckpt = checkpoint or cfg.run_dir / "checkpoints" / "final"
     out_dir = out_dir or cfg.run_dir / "fused"
-    if not (ckpt / CHECKPOINT_MARKER).is_file():
+    state = read_marker(ckpt)
+    if state is None:
         raise FuseError(f"{ckpt}: not a complete checkpoint (no {CHECKPOINT_MARKER}); run `make train` first")
     base_dir = resolve_base(cfg)
     adapter = read_adapter(ckpt)
     soul = load_soul(ckpt / SOUL_FILE)
-    state = json.loads((ckpt / CHECKPOINT_MARKER).read_text(encoding="utf-8"))
     dtype = DTYPES[cfg.fuse.dtype]
     print(f"[fuse] {base_dir.name} + {ckpt.name} (step {state.get('step')}, alpha {soul.alpha:+.4f}, "
           f"gate {soul.gate:.4f}) -> {out_dir} ({cfg.fuse.dtype})")

@@ -29,11 +29,11 @@ import re
 import struct
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .artifacts import atomic_file
 from .errors import BadInputError, ToolchainError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -234,13 +234,7 @@ def _gguf_output(out_path: Path, what: str, check: Callable[[Path], None] | None
     """Yield a temporary path next to out_path; when the block succeeds, the file there is a
     valid GGUF and `check` (if given) accepts it, rename it to out_path. On any failure the
     temporary file is removed."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    # The converter expands {ftype}-style templates in the output name: keep braces out.
-    stem = re.sub(r"[{}]", "_", out_path.name)
-    fd, name = tempfile.mkstemp(prefix=f".tmp-{stem}.", suffix=".gguf", dir=out_path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with atomic_file(out_path, suffix=".gguf") as tmp:
         yield tmp
         try:
             validate_gguf(tmp)
@@ -248,10 +242,6 @@ def _gguf_output(out_path: Path, what: str, check: Callable[[Path], None] | None
             raise ToolRunError(f"{what} exited 0 but its output for {out_path} is not a valid GGUF: {err}") from err
         if check is not None:
             check(tmp)
-        tmp.chmod(0o644)  # mkstemp makes it private; this is an ordinary artifact
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _gguf_model_name(model_dir: Path, model_name: str | None) -> str:

@@ -8,15 +8,13 @@ dtypes are known up front) and then each tensor as it is produced.
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
-from .artifacts import publish_mode
+from .artifacts import atomic_file
 
 _DTYPE_NAMES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -120,21 +118,11 @@ def write_safetensors(
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    try:
-        publish_mode(tmp)
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for name, dtype, shape in specs:
-                t = produce(name)
-                if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                    raise ValueError(f"{name}: produced {t.dtype} {tuple(t.shape)}, expected {dtype} {tuple(shape)}")
-                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, dtype, shape in specs:
+            t = produce(name)
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{name}: produced {t.dtype} {tuple(t.shape)}, expected {dtype} {tuple(shape)}")
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)

@@ -14,7 +14,6 @@ folder that is then renamed: an interrupted write is never a checkpoint.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -33,7 +32,9 @@ from .checkpoint import (
 from .config import CHECKPOINT_MARKER, Config
 from .data import IGNORE, collate, example_order, load_examples
 from .hf import DTYPES, load_causal_lm, load_tokenizer, pick_device, resolve_base
-from .soul import SOUL_FILE, SO8Soul, SoulHead, alpha_at, load_soul, orthogonality_error, phase_at, save_soul
+from .soul import (
+    SOUL_FILE, SO8Soul, SoulHead, alpha_at, load_soul, orthogonality_error, phase_at, save_soul, sigmoid,
+)
 
 def use_nf4(cfg: Config, device: torch.device) -> bool:
     """`auto` means NF4 where CUDA is present, full precision elsewhere."""
@@ -220,7 +221,7 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 row = StepMetrics(
                     step=step + 1, phase=phase_at(step, cfg.soul), alpha=alpha,
-                    gate=1 / (1 + math.exp(-alpha)),
+                    gate=sigmoid(alpha),
                     loss=lm_loss + cfg.soul.ortho_weight * ortho.item() ** 2, lm_loss=lm_loss,
                     ortho_error=ortho.item(), lr=self.optimizer.param_groups[0]["lr"],
                     grad_norm=float(grad_norm), tokens_per_s=tokens / dt if dt > 0 else 0.0,
