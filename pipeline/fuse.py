@@ -26,8 +26,8 @@ from .checkpoint import read_marker
 from .config import CHECKPOINT_MARKER, FUSION_MARKER, SOUL_BLOCK, Config
 from .errors import FuseError
 from .hf import DTYPES, read_model_config, resolve_base
-from .soul import SOUL_FILE, SoulState, fold_soul_into_head, load_soul
-from .tensors import SafetensorsReader, weight_shards, write_safetensors
+from .soul import SOUL_FILE, SoulState, fold_soul_rows, load_soul
+from .tensors import SafetensorsReader, return_freed_memory_eagerly, weight_shards, write_safetensors
 
 HEAD = "lm_head.weight"
 EMBED = "model.embed_tokens.weight"
@@ -46,11 +46,13 @@ class LoraAdapter:
     scale: float
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # weight name -> (A [r, in], B [out, r])
 
-    def delta(self, name: str) -> torch.Tensor | None:
-        if name not in self.factors:
-            return None
+    def merge_into(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """W + scale * B A in float32, without a separate delta tensor (W as float32 is
+        modified in place when it is already a float32 copy of its own)."""
         a, b = self.factors[name]
-        return self.scale * (b.float() @ a.float())
+        if (b.shape[0], a.shape[1]) != tuple(w.shape):
+            raise FuseError(f"LoRA for {name} has shape {(b.shape[0], a.shape[1])}, base has {tuple(w.shape)}")
+        return w.float().addmm_(b.float(), a.float(), alpha=self.scale)
 
 
 def read_adapter(ckpt: Path) -> LoraAdapter:
@@ -115,6 +117,7 @@ def fuse_tensors(base_dir: Path, out_dir: Path, adapter: LoraAdapter, soul: Soul
     hf = read_model_config(base_dir)
     tied = bool(hf.get("tie_word_embeddings", False))
     check_soul_fits(soul, hf)
+    return_freed_memory_eagerly()
     unused = set(adapter.factors)
     head_written = False
     weight_map: dict[str, str] = {}
@@ -138,19 +141,16 @@ def fuse_tensors(base_dir: Path, out_dir: Path, adapter: LoraAdapter, soul: Soul
                 w = f.get(source(name))
                 if not w.is_floating_point():
                     return w
-                delta = adapter.delta(name)
                 # Only a changed weight goes through float32; an untouched one is
                 # rounded once to the output dtype, with no float32 copy.
                 if base_weights is not None:
                     w = base_weights(name, w).float()
-                if delta is not None:
-                    if delta.shape != w.shape:
-                        raise FuseError(f"LoRA for {name} has shape {tuple(delta.shape)}, base has {tuple(w.shape)}")
-                    w = w.float() + delta
+                if name in adapter.factors:
+                    w = adapter.merge_into(name, w)
                     unused.discard(name)
-                if name == HEAD:  # the fold works in float32, a few rows at a time
+                if name == HEAD:  # the fold works in float32, a few rows at a time, straight to the file
                     head_written = True
-                    return fold_soul_into_head(w, soul.rotation, soul.alpha, out_dtype=dtype)
+                    return fold_soul_rows(w, soul.rotation, soul.alpha, out_dtype=dtype)
                 return w.to(dtype)
 
             write_safetensors(out_dir / shard.name, specs, produce, metadata={"format": "pt"})

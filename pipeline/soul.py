@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from torch import nn
 
 from .artifacts import atomic_write_bytes
 from .config import SOUL_BLOCK, SoulSection
+from .errors import SoulError
 
 SOUL_FILE = "soul.safetensors"
 SOUL_FORMAT = "agiasi-soul/1"
@@ -171,6 +173,17 @@ def fold_soul_into_head(weight: torch.Tensor, rotation: torch.Tensor, alpha: flo
     vocabulary rows at a time, so the float32 temporaries stay small next to
     a 32k x 3072 head.
     """
+    out = torch.empty(weight.shape, dtype=out_dtype or weight.dtype, device=weight.device)
+    start = 0
+    for part in fold_soul_rows(weight, rotation, alpha, out_dtype, rows):
+        out[start:start + part.shape[0]] = part
+        start += part.shape[0]
+    return out
+
+
+def fold_soul_rows(weight: torch.Tensor, rotation: torch.Tensor, alpha: float,
+                   out_dtype: torch.dtype | None = None, rows: int = 4096) -> Iterator[torch.Tensor]:
+    """fold_soul_into_head, yielded `rows` rows at a time (a streaming writer never holds W' whole)."""
     vocab, hidden = weight.shape
     if hidden != rotation.shape[0] * SOUL_BLOCK:
         raise ValueError(
@@ -178,12 +191,10 @@ def fold_soul_into_head(weight: torch.Tensor, rotation: torch.Tensor, alpha: flo
             f"but the head's hidden size is {hidden}"
         )
     r, g = rotation.float(), sigmoid(alpha)
-    out = torch.empty((vocab, hidden), dtype=out_dtype or weight.dtype, device=weight.device)
     for start in range(0, vocab, rows):
         w = weight[start:start + rows].float()
         wr = torch.einsum("vbi,bij->vbj", w.view(w.shape[0], -1, SOUL_BLOCK), r).reshape(w.shape)
-        out[start:start + rows] = w + g * wr
-    return out
+        yield (w + g * wr).to(out_dtype or weight.dtype)
 
 
 @dataclass(frozen=True)
@@ -212,50 +223,53 @@ def save_soul(path: Path, soul: SO8Soul, step: int) -> None:
 
 
 def load_soul(path: Path) -> SoulState:
-    """Read soul.safetensors. Raises ValueError naming the file when malformed."""
+    """Read soul.safetensors. Raises SoulError (a ValueError) naming the file when malformed."""
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = set(f.keys())
             missing = {"alpha", "rotation"} - keys
             if missing:
-                raise ValueError(f"{path}: missing tensors {sorted(missing)}")
+                raise SoulError(f"{path}: missing tensors {sorted(missing)}")
             alpha = f.get_tensor("alpha").float().reshape(-1)
             rotation = f.get_tensor("rotation").float()
             generator = f.get_tensor("generator").float() if "generator" in keys else None
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file: {e}") from None
+        raise SoulError(f"{path}: not a readable safetensors file: {e}") from None
     except Exception as e:  # safetensors raises its own error type on bad headers
         if isinstance(e, ValueError) and str(path) in str(e):
             raise
-        raise ValueError(f"{path}: not a readable safetensors file: {e}") from None
+        raise SoulError(f"{path}: not a readable safetensors file: {e}") from None
     if alpha.numel() != 1:
-        raise ValueError(f"{path}: alpha must be a single number, got shape {list(alpha.shape)}")
+        raise SoulError(f"{path}: alpha must be a single number, got shape {list(alpha.shape)}")
     if rotation.ndim != 3 or rotation.shape[1:] != (SOUL_BLOCK, SOUL_BLOCK):
-        raise ValueError(f"{path}: rotation must have shape [n, 8, 8], got {list(rotation.shape)}")
+        raise SoulError(f"{path}: rotation must have shape [n, 8, 8], got {list(rotation.shape)}")
+    if not (math.isfinite(float(alpha.item())) and torch.isfinite(rotation).all()
+            and (generator is None or torch.isfinite(generator).all())):
+        raise SoulError(f"{path}: holds NaN or infinite values")
     if generator is None:  # a soul imported without its generator: recover it from R
         generator = generator_from_rotation(rotation, str(path))
     if generator.shape[1:] != rotation.shape[1:] or generator.shape[0] not in (1, rotation.shape[0]):
-        raise ValueError(f"{path}: generator shape {list(generator.shape)} does not fit rotation {list(rotation.shape)}")
+        raise SoulError(f"{path}: generator shape {list(generator.shape)} does not fit rotation {list(rotation.shape)}")
     return SoulState(alpha=float(alpha.item()), rotation=rotation, generator=generator)
 
 
 def generator_from_rotation(rotation: torch.Tensor, where: str) -> torch.Tensor:
     """A generator A with exp(A - A^T) = R for each block (A = log(R) / 2).
 
-    Raises ValueError naming `where` when a block is not in SO(8), or is a
+    Raises SoulError naming `where` when a block is not in SO(8), or is a
     half-turn (eigenvalue -1), whose logarithm is not unique.
     """
     r = rotation.double()
     if orthogonality_error(r) > 1e-4 or (torch.linalg.det(r) < 0).any():
-        raise ValueError(f"{where}: the rotation is not in SO(8) (R^T R != I or det R = -1)")
+        raise SoulError(f"{where}: the rotation is not in SO(8) (R^T R != I or det R = -1)")
     vals, vecs = torch.linalg.eig(r)
     if ((vals + 1).abs() < 1e-6).any():
-        raise ValueError(f"{where}: a block turns by 180 degrees; its generator is not unique")
+        raise SoulError(f"{where}: a block turns by 180 degrees; its generator is not unique")
     log = (vecs @ torch.diag_embed(vals.log()) @ torch.linalg.inv(vecs)).real
     skew = (log - log.transpose(-1, -2)) / 2
     generator = (skew / 2).float()
     if (rotation_from_generator(generator) - rotation.float()).abs().max() > 1e-4:
-        raise ValueError(f"{where}: could not recover a generator for this rotation")
+        raise SoulError(f"{where}: could not recover a generator for this rotation")
     return generator
 
 
@@ -267,23 +281,33 @@ def import_seed_soul(pt_path: Path, out_path: Path, hidden_size: int | None = No
     one 8x8 block, shared across the hidden dimension (hidden_size is then
     required), or [n, 8, 8] blocks (hidden_size, if given, must be 8n).
     """
+    if not Path(pt_path).is_file():
+        raise SoulError(f"{pt_path}: file not found")
     try:
         raw = torch.load(str(pt_path), map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for anything beyond tensors and containers
-        raise ValueError(f"{pt_path}: not a plain tensor file, refused ({type(e).__name__}: {e})") from None
+        raise SoulError(f"{pt_path}: not a plain tensor file, refused ({type(e).__name__}: {e})") from None
     if not isinstance(raw, dict) or not {"alpha", "so8_rotation"} <= set(raw):
-        raise ValueError(f"{pt_path}: expected a dict with 'alpha' and 'so8_rotation'")
-    alpha = float(torch.as_tensor(raw["alpha"]).reshape(-1)[0])
-    rot = torch.as_tensor(raw["so8_rotation"]).float()
+        raise SoulError(f"{pt_path}: expected a dict with 'alpha' and 'so8_rotation'")
+    try:
+        alpha = torch.as_tensor(raw["alpha"], dtype=torch.float32).reshape(-1)
+        rot = torch.as_tensor(raw["so8_rotation"]).float()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise SoulError(f"{pt_path}: alpha and so8_rotation must be numbers and tensors ({e})") from None
+    if alpha.numel() != 1 or not math.isfinite(float(alpha[0])):
+        raise SoulError(f"{pt_path}: alpha must be one finite number, got {alpha.tolist()[:4]}")
+    alpha = float(alpha[0])
     if rot.shape == (SOUL_BLOCK, SOUL_BLOCK):
         rot = rot.unsqueeze(0)
     if rot.ndim != 3 or rot.shape[1:] != (SOUL_BLOCK, SOUL_BLOCK):
-        raise ValueError(f"{pt_path}: so8_rotation has shape {list(rot.shape)}, expected [8, 8] or [n, 8, 8]")
+        raise SoulError(f"{pt_path}: so8_rotation has shape {list(rot.shape)}, expected [8, 8] or [n, 8, 8]")
+    if not torch.isfinite(rot).all():
+        raise SoulError(f"{pt_path}: so8_rotation holds NaN or infinite values")
     shared = rot.shape[0] == 1
     if shared and not hidden_size:
-        raise ValueError(f"{pt_path}: one shared 8x8 rotation; give the model's hidden size to expand it")
+        raise SoulError(f"{pt_path}: one shared 8x8 rotation; give the model's hidden size to expand it")
     if not shared and hidden_size and hidden_size != rot.shape[0] * SOUL_BLOCK:
-        raise ValueError(f"{pt_path}: {rot.shape[0]} blocks of 8 do not fit hidden size {hidden_size}")
+        raise SoulError(f"{pt_path}: {rot.shape[0]} blocks of 8 do not fit hidden size {hidden_size}")
     generator = generator_from_rotation(rot, str(pt_path))
     soul = SO8Soul(hidden_size or rot.shape[0] * SOUL_BLOCK, alpha=alpha, shared=shared)
     with torch.no_grad():

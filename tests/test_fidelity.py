@@ -36,16 +36,16 @@ def test_gate_passes_a_correct_fold(rotated_run):
 
 @pytest.mark.parametrize("wrong", ["transposed", "no_sigmoid"])
 def test_gate_fails_a_wrong_fold_and_keeps_nothing(rotated_run, monkeypatch, wrong):
-    right = fuse_module.fold_soul_into_head
+    right = fuse_module.fold_soul_rows
 
     def wrong_fold(weight, rotation, alpha, out_dtype=None):
         if wrong == "transposed":
             return right(weight, rotation.transpose(-1, -2), alpha, out_dtype=out_dtype)
         w = weight.float()  # alpha used as the gate, without its sigmoid
-        return (w + alpha * (w @ torch.block_diag(*rotation))).to(out_dtype or weight.dtype)
+        return iter([(w + alpha * (w @ torch.block_diag(*rotation))).to(out_dtype or weight.dtype)])
 
     fuse_module.fuse(rotated_run)  # a good fused model exists before the bad attempt
-    monkeypatch.setattr(fuse_module, "fold_soul_into_head", wrong_fold)
+    monkeypatch.setattr(fuse_module, "fold_soul_rows", wrong_fold)
     with pytest.raises(FidelityError, match=r"fidelity gate failed at fuse: KL\(trained \|\| fused \(merge base original\)\)"):
         fuse_module.fuse(rotated_run)
     assert not rotated_run.fused_dir.exists()
