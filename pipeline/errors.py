@@ -31,3 +31,7 @@ class ToolchainError(PipelineError):
 
 class OllamaError(PipelineError):
     """Ollama is missing, unreachable, or refused the model."""
+
+
+class SoulError(BadInputError, ValueError):
+    """A soul file (soul.safetensors, a seed soul.pt) that cannot be used; the message names it."""
