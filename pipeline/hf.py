@@ -8,6 +8,7 @@ import torch
 
 from .config import Config, check_base_architecture
 from .errors import ModelError
+from .modeldir import folder_problems, is_lfs_pointer, lfs_pointer_problem
 
 # What a model folder needs; weights must be safetensors (no pickles).
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
@@ -39,15 +40,15 @@ def fetch_from_hub(repo_id: str, revision: str | None) -> Path:
 
 
 def usable_model_dir(path: Path) -> Path:
-    """`path` if it is a Phi-3 model folder with safetensors weights; else ModelError."""
+    """`path` if it is a Phi-3 model folder with complete safetensors weights and a tokenizer; else ModelError."""
     if not (path / "config.json").is_file():
         raise ModelError(f"model.base: {path} is not a Hugging Face model folder (no config.json)")
+    if is_lfs_pointer(path / "config.json"):
+        raise ModelError(lfs_pointer_problem(path / "config.json"))
     hf = read_model_config(path)
-    problems = check_base_architecture(hf, str(path / "config.json"))
+    problems = check_base_architecture(hf, str(path / "config.json")) + folder_problems(path)
     if problems:
         raise ModelError("; ".join(problems))
-    if not any(path.glob("*.safetensors")):
-        raise ModelError(f"model.base: {path} has no .safetensors weights (pickled .bin weights are not loaded)")
     return path
 
 

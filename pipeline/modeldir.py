@@ -1,0 +1,78 @@
+"""What a base model folder must hold, checked from its files without loading it.
+
+`folder_problems(path)` reads only file headers (a few bytes each, plus the
+safetensors JSON headers), so the config check can run it on every `make`:
+weights as safetensors whose headers parse and whose tensor data is all
+there (a clone made without git-lfs holds small pointer files in their
+place, and an interrupted download a truncated file), every shard a sharded
+model's index names, and a tokenizer. Standard library only.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+# What git-lfs leaves in a clone in place of a file it did not fetch.
+LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def is_lfs_pointer(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX
+    except OSError:
+        return False
+
+
+def lfs_pointer_problem(path: Path) -> str:
+    return (f"model.base: {path} is a git-lfs pointer file, not the file itself "
+            f"(run `git lfs pull` in {path.parent}, or download the model again)")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a complete safetensors file, or None when it is."""
+    if is_lfs_pointer(path):
+        return lfs_pointer_problem(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"model.base: {path} is not a safetensors file ({size} bytes, no header)"
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            return f"model.base: {path} is truncated or not a safetensors file (its header claims {n} bytes)"
+        try:
+            header = json.loads(f.read(n))
+            end = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            return f"model.base: {path} is not a safetensors file (unreadable header: {e})"
+    if 8 + n + end > size:
+        return f"model.base: {path} is truncated: its tensors need {8 + n + end} bytes, the file has {size}"
+    return None
+
+
+def folder_problems(path: Path) -> list[str]:
+    """Problems with a model folder's weight and tokenizer files (config.json is read elsewhere)."""
+    problems = []
+    for name in ("config.json", *TOKENIZER_FILES, "tokenizer_config.json"):
+        if is_lfs_pointer(path / name):
+            problems.append(lfs_pointer_problem(path / name))
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        problems.append(f"model.base: {path} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+    weights = sorted(path.glob("*.safetensors"))
+    index = path / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            problems.append(f"model.base: {index} is not a readable shard index ({e})")
+            shards = set()
+        problems += [f"model.base: {index} names the shard {s}, which is missing"
+                     for s in sorted(shards) if not (path / s).is_file()]
+    if not weights:
+        problems.append(f"model.base: {path} has no .safetensors weights (pickled .bin weights are not loaded)")
+    problems += [p for p in map(safetensors_problem, weights) if p]
+    return problems
