@@ -34,11 +34,17 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """Parse a JSONL file into (line number, record) pairs, validating shape."""
     records: list[tuple[int, dict]] = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a JSONL file") from None
+    try:
+        # split on "\n" only: str.splitlines also breaks at U+2028 and the like, which JSON strings may hold
+        lines = raw.decode("utf-8").split("\n")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+        n = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
