@@ -30,12 +30,13 @@ def load_trained(checkpoint: Path | str, *, device: torch.device | None = None, 
     NF4 (default: as it was trained; bitsandbytes runs NF4 on CPU too). Raises ModelError
     for a folder that is not a complete checkpoint or a base that cannot be found.
     """
-    from peft import PeftModel
-
     checkpoint = Path(checkpoint)
     marker = read_marker(checkpoint)
     if marker is None:
         raise ModelError(f"{checkpoint}: not a complete checkpoint (no checkpoint.json)")
+    if not (checkpoint / "adapter_model.safetensors").is_file():  # PEFT would fall back to a pickled .bin
+        raise ModelError(f"{checkpoint}: no adapter_model.safetensors (a pickled adapter_model.bin is not loaded)")
+    from peft import PeftModel
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if nf4 is None:
         nf4 = marker.get("quantization") == "nf4"
