@@ -45,7 +45,7 @@ def shade(name: str) -> np.ndarray:
     return PHASE_ALPHA * np.array(to_rgb(PHASE_COLORS[name])) + (1 - PHASE_ALPHA) * np.ones(3)
 
 
-def pixel(image: np.ndarray, fig, ax, x: float, y: float) -> np.ndarray:
+def pixel(image: np.ndarray, ax, x: float, y: float) -> np.ndarray:
     """RGB of the written PNG at data point (x, y) of `ax`."""
     px, py = ax.transData.transform((x, y))
     return image[int(round(image.shape[0] - py)), int(round(px)), :3]
@@ -67,12 +67,12 @@ def test_phase_figure_shades_the_phases_where_the_schedule_puts_them(cfg, tmp_pa
     assert image.std() > 0.05, "blank figure"
     # Background points (no line, legend or grid there) take their phase's colour.
     for x, phase in ((5, "chaos"), (25, "transition"), (45, "transition"), (55, "order")):
-        got = pixel(image, fig, ax_gate, x, 0.7)
+        got = pixel(image, ax_gate, x, 0.7)
         nearest = min(PHASE_COLORS, key=lambda name: np.abs(shade(name) - got).sum())
         assert nearest == phase and np.abs(shade(phase) - got).max() < 0.03, (x, got)
     # The alpha line is drawn: dark pixels at alpha(step) in chaos, none far above it.
-    assert pixel(image, fig, ax_alpha, 5, -5.0).max() < 0.5
-    assert pixel(image, fig, ax_alpha, 5, -1.0).min() > 0.7
+    assert pixel(image, ax_alpha, 5, -5.0).max() < 0.5
+    assert pixel(image, ax_alpha, 5, -1.0).min() > 0.7
 
 
 def test_training_figure_has_loss_and_log_ortho(cfg, tmp_path):
