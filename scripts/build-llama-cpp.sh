@@ -20,7 +20,7 @@
 # Install layout, <cache>/llama.cpp/<commit>-<variant>/:
 #   .complete    written last; commit, variant, sdist and build date. No marker, no install.
 #   src/         the llama.cpp tree: convert_hf_to_gguf.py, conversion/, gguf-py/
-#   build/bin/   llama-quantize, llama-perplexity, llama-tokenize and the shared libraries
+#   build/bin/   llama-quantize, llama-imatrix, llama-perplexity, llama-tokenize and the shared libraries
 #                libllama.so, libggml*.so (point LLAMA_CPP_LIB_PATH here for the bindings)
 #   sdist/       the untouched llama-cpp-python sdist, source of the Python bindings
 #
@@ -66,7 +66,10 @@ install_dir="$llama_root/$LLAMA_CPP_COMMIT-$variant"
 lib_dir="$install_dir/build/bin"
 
 # Every target the pipeline and the bindings use; libllama pulls in the libggml* it needs.
-build_targets=(llama llama-quantize llama-perplexity llama-tokenize)
+build_targets=(llama llama-quantize llama-imatrix llama-perplexity llama-tokenize)
+# What a finished install must hold. A cached install from an older version of this
+# list lacks something and is rebuilt, so adding a tool here needs no new cache key.
+required_files=(llama-quantize llama-imatrix llama-perplexity llama-tokenize libllama.so libggml.so)
 
 tmp=
 cleanup() { if [[ -n $tmp ]]; then rm -rf "$tmp"; fi; }
@@ -162,7 +165,7 @@ build() {
   log "building ${build_targets[*]} with $(nproc) jobs"
   cmake --build "$tmp/build" --target "${build_targets[@]}" -j "$(nproc)" >&2
   local f
-  for f in llama-quantize llama-perplexity llama-tokenize libllama.so libggml.so; do
+  for f in "${required_files[@]}"; do
     [[ -e $tmp/build/bin/$f ]] || die "the build finished without build/bin/$f"
   done
   log "built in $((SECONDS - started)) s"
@@ -177,8 +180,20 @@ build() {
   log "installed $install_dir"
 }
 
+# A finished install: the marker, and every required file (an older recipe may lack one).
+installed() {
+  [[ -f $install_dir/.complete ]] || return 1
+  local f
+  for f in "${required_files[@]}"; do
+    if [[ ! -e $lib_dir/$f ]]; then
+      log "the cached build in $install_dir has no build/bin/$f; rebuilding"
+      return 1
+    fi
+  done
+}
+
 ensure_built() {
-  [[ -f $install_dir/.complete ]] && return 0
+  installed && return 0
   mkdir -p "$llama_root"
   exec 9>"$llama_root/.lock"
   if ! flock -n 9; then
@@ -186,7 +201,7 @@ ensure_built() {
     flock 9
   fi
   # The holder we waited for may have built it.
-  [[ -f $install_dir/.complete ]] && return 0
+  installed && return 0
   build
 }
 
