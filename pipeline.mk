@@ -1,7 +1,7 @@
 # The pipeline as a DAG of file targets, one rule per artifact, one command per recipe:
 #
 #   base model + data -> checkpoints/final -> fused/ -> gguf/<run>-f16.gguf
-#     -> gguf/<run>-q4_k_m.gguf -> Modelfile -> ollama.json (registered)
+#     [-> imatrix.gguf] -> gguf/<run>-q4_k_m.gguf -> Modelfile -> ollama.json (registered)
 #
 # The Makefile calls this after setting up the environment:
 #   make -f pipeline.mk <target> CONFIG=config.yaml
@@ -30,12 +30,14 @@ include $(PLAN_FILE)
 why = $(if $(wildcard $@),$(patsubst $(RUN_DIR)/%,%,$?) changed,$(patsubst $(RUN_DIR)/%,%,$@) does not exist)
 announce = @echo "==> [$(1)] building $(patsubst $(RUN_DIR)/%,%,$@) because $(why)"
 
-.PHONY: train fuse gguf modelfile ollama
+.PHONY: train fuse gguf modelfile ollama plots eval
 train: $(CHECKPOINT)
 fuse: $(FUSED)
 gguf: $(QUANTIZED)
 modelfile: $(MODELFILE)
 ollama: $(OLLAMA_STAMP)
+plots: $(PLOTS)
+eval: $(EVAL_PASSED)
 
 $(CHECKPOINT): $(STAMP_DIR)/train.stamp $(DATA) $(BASE_DEPS)
 	$(call announce,train)
@@ -49,7 +51,15 @@ $(CONVERTED): $(FUSED) $(STAMP_DIR)/convert.stamp
 	$(call announce,convert)
 	$(PIPE) convert --config $(CONFIG)
 
-$(QUANTIZED): $(GGUF_DIR)/$(RUN_NAME)-%.gguf: $(CONVERTED) $(STAMP_DIR)/quantize.stamp
+# Optional (gguf.imatrix.calibration): an importance matrix of the converted
+# model on calibration text, which every quantization then uses.
+ifneq ($(IMATRIX),)
+$(IMATRIX): $(CONVERTED) $(CALIBRATION) $(STAMP_DIR)/imatrix.stamp
+	$(call announce,imatrix)
+	$(PIPE) imatrix --config $(CONFIG)
+endif
+
+$(QUANTIZED): $(GGUF_DIR)/$(RUN_NAME)-%.gguf: $(CONVERTED) $(IMATRIX) $(STAMP_DIR)/quantize.stamp
 	$(call announce,quantize)
 	$(PIPE) quantize --config $(CONFIG) --type $*
 
@@ -62,6 +72,27 @@ $(MODELFILE): $(STAMP_DIR)/modelfile.stamp $(FAMILY_TEMPLATE) | $(SERVED_GGUF)
 $(OLLAMA_STAMP): $(MODELFILE) $(SERVED_GGUF) $(STAMP_DIR)/register.stamp
 	$(call announce,ollama)
 	$(PIPE) register --config $(CONFIG)
+
+# Reports. The figures follow metrics.jsonl, not the checkpoint: `make plots`
+# during training draws the steps logged so far and never starts a training.
+$(METRICS):
+	@echo "error: $@ does not exist: no training step logged yet (make train)" >&2; exit 2
+
+$(PLOTS) &: $(METRICS) $(STAMP_DIR)/plots.stamp
+	$(call announce,plots)
+	$(PIPE) plots --config $(CONFIG)
+
+# Held-out perplexity of every model of the run. eval.json and eval.md are
+# written whatever the outcome; eval.passed only when eval.max_ppl_ratio holds,
+# so a failed eval is not taken as done.
+$(EVAL_PASSED): $(CHECKPOINT) $(FUSED) $(CONVERTED) $(QUANTIZED) $(HELDOUT) $(BASE_DEPS) $(STAMP_DIR)/eval.stamp
+	$(call announce,eval)
+	$(PIPE) eval --config $(CONFIG)
+
+# Follow a training run live (another terminal, or `docker exec` without -t).
+.PHONY: monitor
+monitor:
+	@$(PIPE) monitor --config $(CONFIG)
 
 # Talk to the registered model: make ollama-run PROMPT="富士山について教えて"
 .PHONY: ollama-run

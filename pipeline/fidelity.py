@@ -5,7 +5,8 @@ Japanese and English prompts, before the output is renamed into place:
 
   fuse      trained model (as trained: NF4 or not, + LoRA + soul) vs fused HF model
   convert   fused HF model vs the converted GGUF in llama.cpp (F32 KV cache),
-            and the two tokenizers on the same texts
+            and the two tokenizers on the same texts; and (fidelity.compare_f32)
+            fused HF model vs a temporary f32 GGUF, to float rounding
   quantize  converted GGUF vs each quantized GGUF
 
 A comparison is the mean KL divergence of the next-token distributions over
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -157,15 +159,19 @@ def gate(cfg: Config, step: str, reference: str, candidate: str, result: Compari
 
 
 def discard_from(cfg: Config, step: str) -> None:
-    """Remove the run's artifacts from `step` on: none may outlive a failed gate."""
+    """Remove the run's artifacts from `step` ("fuse", "convert[:f32]", "quantize:<type>") on:
+    none may outlive a failed gate."""
+    kind, _, detail = step.partition(":")
     gguf_dir = cfg.gguf_path("x").parent
-    if step == "fuse":
+    if kind == "fuse":
         shutil.rmtree(cfg.fused_dir, ignore_errors=True)
-    if step in ("fuse", "convert"):
+    if kind in ("fuse", "convert"):
         for p in gguf_dir.glob(f"{cfg.run.name}-*.gguf"):
             p.unlink()
-    if step.startswith("quantize:"):
-        cfg.gguf_path(step.split(":", 1)[1]).unlink(missing_ok=True)
+        if cfg.imatrix_path is not None:
+            cfg.imatrix_path.unlink(missing_ok=True)
+    if kind == "quantize":
+        cfg.gguf_path(detail).unlink(missing_ok=True)
 
 
 def bound_for(cfg: Config, qtype: str) -> tuple[float, str]:
@@ -210,7 +216,12 @@ def gate_fused(cfg: Config, result: Comparison, merge_base: str) -> None:
 
 
 def check_converted(cfg: Config, fused_dir: Path, gguf: Path) -> None:
-    """convert: the fused HF model vs its GGUF, tokens and logits."""
+    """convert: the fused HF model vs its GGUF (tokens and logits), and vs an f32 GGUF.
+
+    The f32 GGUF (fidelity.compare_f32) is converted into a temporary folder and
+    removed: it shows the converter and llama.cpp reproduce the model to float
+    rounding, so what the outtype comparison measures is the outtype's own rounding.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(fused_dir))
@@ -219,9 +230,18 @@ def check_converted(cfg: Config, fused_dir: Path, gguf: Path) -> None:
     reference = hf_logits(fused, ids)
     del fused
     mismatches = tokenization_mismatches(gguf, tokenizer)
+    f = cfg.fidelity
+    if f.compare_f32 and cfg.gguf.outtype != "f32":
+        from . import llamacpp
+        from .gguf import gguf_model_name
+
+        with tempfile.TemporaryDirectory(prefix=".tmp-f32-", dir=gguf.parent) as tmp:
+            f32 = llamacpp.convert_hf_to_gguf(fused_dir, Path(tmp) / f"{cfg.run.name}-f32.gguf", "f32",
+                                              model_name=gguf_model_name(cfg))
+            gate(cfg, "convert:f32", "fused", f"{f32.name} (temporary)", compare(reference, gguf_logits(f32, ids)),
+                 f.max_kl_converted_f32, "fidelity.max_kl_converted_f32")
     gate(cfg, "convert", "fused", cfg.gguf_path(cfg.gguf.outtype).name, compare(reference, gguf_logits(gguf, ids)),
-         cfg.fidelity.max_kl_converted, "fidelity.max_kl_converted",
-         extra={"tokenization_mismatches": mismatches})
+         f.max_kl_converted, "fidelity.max_kl_converted", extra={"tokenization_mismatches": mismatches})
 
 
 def check_quantized(cfg: Config, converted: Path, quantized: Path, qtype: str) -> None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import llamacpp
-from .config import Config
-from .errors import ToolchainError
+from .config import FUSION_MARKER, Config
+from .errors import BadInputError, ToolchainError
+from .integrity import verify_file, verify_folder
 
 
 def convert(cfg: Config) -> Path:
@@ -20,6 +21,7 @@ def convert(cfg: Config) -> Path:
     fused = cfg.fused_dir
     if not cfg.fused_marker.is_file():
         raise ToolchainError(f"{fused}: no complete fused model ({cfg.fused_marker.name} missing); run `make fuse`")
+    verify_folder(fused, FUSION_MARKER)
     out = cfg.gguf_path(cfg.gguf.outtype)
     print(f"[convert] {fused} -> {out}")
     check = None
@@ -48,7 +50,7 @@ def quantize(cfg: Config, qtype: str) -> Path:
     if not matches:
         raise ToolchainError(f"gguf.quantizations does not list {qtype!r} ({cfg.gguf.quantizations})")
     src, out = cfg.gguf_path(cfg.gguf.outtype), cfg.gguf_path(matches[0])
-    llamacpp.validate_gguf(src)
+    verify_file(src)
     print(f"[quantize] {src.name} -> {out.name} ({matches[0]})")
     check = None
     if cfg.fidelity.enabled:
@@ -56,4 +58,32 @@ def quantize(cfg: Config, qtype: str) -> Path:
 
         def check(tmp: Path) -> None:
             check_quantized(cfg, src, tmp, matches[0])
-    return llamacpp.quantize(src, out, matches[0], output_tensor_type=cfg.gguf.output_tensor_type, check=check)
+    imatrix = cfg.imatrix_path
+    if imatrix is not None:
+        if not imatrix.is_file():
+            raise ToolchainError(f"gguf.imatrix.calibration is set but {imatrix} is missing; run `make gguf`")
+        verify_file(imatrix)
+    return llamacpp.quantize(src, out, matches[0], output_tensor_type=cfg.gguf.output_tensor_type,
+                             imatrix=imatrix, check=check)
+
+
+def imatrix(cfg: Config) -> Path:
+    """Converted GGUF + gguf.imatrix.calibration text -> <run>/imatrix.gguf."""
+    out, calibration = cfg.imatrix_path, cfg.imatrix_calibration
+    if out is None or calibration is None:
+        raise BadInputError(f"{cfg.source}: gguf.imatrix.calibration is not set; there is no importance matrix to build")
+    src = cfg.gguf_path(cfg.gguf.outtype)
+    verify_file(src)
+    try:
+        text = calibration.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"{calibration}: gguf.imatrix.calibration is not UTF-8 text ({e})") from None
+    from .fidelity import gguf_model
+
+    n = len(gguf_model(src, n_ctx=64, vocab_only=True).tokenize(text.encode(), add_bos=True, special=False))
+    ctx = cfg.gguf.imatrix.ctx
+    if n < 2 * ctx:
+        raise BadInputError(f"{calibration}: {n} tokens, but gguf.imatrix.ctx = {ctx} needs at least {2 * ctx} "
+                            "(two chunks); give more text or a smaller ctx")
+    print(f"[imatrix] {src.name} on {calibration.name} ({n} tokens, chunks of {ctx}) -> {out.name}")
+    return llamacpp.compute_imatrix(src, calibration, out, ctx=ctx, chunks=cfg.gguf.imatrix.chunks)

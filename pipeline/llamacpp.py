@@ -242,6 +242,9 @@ def _gguf_output(out_path: Path, what: str, check: Callable[[Path], None] | None
             raise ToolRunError(f"{what} exited 0 but its output for {out_path} is not a valid GGUF: {err}") from err
         if check is not None:
             check(tmp)
+        from .integrity import write_sidecar
+
+        write_sidecar(out_path, tmp)  # before the rename: a kill in between leaves a record the old file fails
 
 
 def _gguf_model_name(model_dir: Path, model_name: str | None) -> str:
@@ -319,7 +322,8 @@ def _canonical_qtype(qtype: str) -> str:
 
 
 def quantize(src: Path, out_path: Path, qtype: str, *, threads: int | None = None,
-             output_tensor_type: str | None = None, check: Callable[[Path], None] | None = None) -> Path:
+             output_tensor_type: str | None = None, imatrix: Path | None = None,
+             check: Callable[[Path], None] | None = None) -> Path:
     """Quantize a GGUF with the pinned llama-quantize.
 
     Note: k-quants need tensor rows divisible by 256 and every quant needs multiples of 32;
@@ -330,8 +334,9 @@ def quantize(src: Path, out_path: Path, qtype: str, *, threads: int | None = Non
     is created; an existing file is replaced only on success); qtype, a name from QUANT_TYPES,
     in any case ("q4_k_m" works); threads, llama-quantize's thread count (default: its own);
     output_tensor_type, a ggml type name (f16, q8_0, q6_K, ...) for output.weight, the LM
-    head (which carries the folded soul); check, called with the finished temporary file
-    before it is renamed.
+    head (which carries the folded soul); imatrix, an importance matrix from compute_imatrix()
+    that weights the quantization error by how much each weight is used; check, called with
+    the finished temporary file before it is renamed.
     Outputs: out_path, a validated GGUF.
     Errors: ValueError for an unknown qtype or threads < 1; GGUFError when src is not a valid
     GGUF; ToolchainError when llama.cpp is not built; ToolRunError when llama-quantize fails
@@ -346,9 +351,37 @@ def quantize(src: Path, out_path: Path, qtype: str, *, threads: int | None = Non
     cmd = [str(tool("llama-quantize"))]
     if output_tensor_type:
         cmd += ["--output-tensor-type", output_tensor_type]
+    if imatrix is not None:
+        validate_gguf(Path(imatrix))
+        cmd += ["--imatrix", str(imatrix)]
     with _gguf_output(out_path, "llama-quantize", check) as tmp:
         args = [str(src), str(tmp), name] + ([str(threads)] if threads is not None else [])
         _run_tool(cmd + args, what=f"llama-quantize ({src} -> {name})")
+    return out_path
+
+
+def compute_imatrix(model: Path, calibration: Path, out_path: Path, *, ctx: int = 512,
+                    chunks: int | None = None, threads: int | None = None) -> Path:
+    """Compute an importance matrix with the pinned llama-imatrix, for quantize(imatrix=...).
+
+    Inputs: model, an unquantized GGUF (validated first); calibration, a UTF-8 text file of at
+    least 2 * ctx tokens (llama-imatrix refuses less); out_path, the imatrix to write (GGUF
+    format; replaced only on success); ctx, tokens per chunk; chunks, the most chunks to use
+    (default: all); threads (default: llama.cpp's).
+    Outputs: out_path. The output weight is left out (llama-imatrix's default): the head
+    carries the folded soul and is better quantized plainly.
+    Errors: GGUFError for an invalid model; ToolchainError when llama.cpp is not built;
+    ToolRunError when llama-imatrix fails or writes an invalid file.
+    """
+    model, out_path = Path(model), Path(out_path)
+    validate_gguf(model)
+    cmd = [str(tool("llama-imatrix")), "-m", str(model), "-f", str(calibration), "-c", str(ctx), "--no-ppl"]
+    if chunks is not None:
+        cmd += ["--chunks", str(chunks)]
+    if threads is not None:
+        cmd += ["-t", str(threads)]
+    with _gguf_output(out_path, "llama-imatrix") as tmp:
+        _run_tool(cmd + ["-o", str(tmp)], what=f"llama-imatrix ({model} on {calibration})")
     return out_path
 
 

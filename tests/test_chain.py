@@ -6,70 +6,27 @@ which artifacts were rewritten.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import REPO, small_config, write_config
+from makeutil import changed, make, needs_llama_cpp, snapshot, top
 
 pytestmark = pytest.mark.slow
-
-
-def needs_llama_cpp():
-    from pipeline import llamacpp
-
-    try:
-        llamacpp.require_install()
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"pinned llama.cpp not built ({e}); `make test` builds it")
-
-
-def make(config: Path, target: str = "modelfile") -> subprocess.CompletedProcess:
-    env = {**os.environ, "MAKEFLAGS": ""}
-    proc = subprocess.run(
-        ["make", "--no-print-directory", "-f", "pipeline.mk", target, f"CONFIG={config}", f"PY={sys.executable}"],
-        cwd=REPO, capture_output=True, text=True, env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def snapshot(run_dir: Path) -> dict[str, tuple[int, str]]:
-    """relative path -> (mtime_ns, sha256) of every file of the run."""
-    out = {}
-    for p in sorted(run_dir.rglob("*")):
-        if p.is_file():
-            out[str(p.relative_to(run_dir))] = (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-    return out
-
-
-def changed(before: dict, after: dict) -> set[str]:
-    """Files rewritten, added or removed; plan.mk (paths for Make) is not an artifact."""
-    diff = {k for k in after if before.get(k) != after[k]} | (set(before) - set(after))
-    return diff - {"plan.mk"}
-
-
-def top(paths: set[str]) -> set[str]:
-    """Group changed files by artifact: checkpoints/final, fused, gguf/x.gguf, Modelfile, stamps/x."""
-    groups = set()
-    for p in paths:
-        parts = p.split("/")
-        groups.add("/".join(parts[:2]) if parts[0] in ("checkpoints", "gguf", "stamps") else parts[0])
-    return groups
 
 
 @pytest.fixture(scope="module")
 def chain(tiny_phi3_dir, tmp_path_factory):
     needs_llama_cpp()
     root = tmp_path_factory.mktemp("chain")
-    cfg = small_config(tiny_phi3_dir, root / "build")
+    cfg = small_config(tiny_phi3_dir, root / "build",
+                       gguf={"imatrix": {"calibration": str(REPO / "data" / "calibration_ja.txt"), "ctx": 64}})
     path = write_config(root / "config.yaml", cfg)
     first = make(path)
     return path, cfg, root / "build" / "t", first
@@ -79,13 +36,15 @@ def test_first_run_builds_every_artifact(chain):
     _, _, run, first = chain
     for rel in ("checkpoints/final/checkpoint.json", "checkpoints/step_000003/soul.safetensors",
                 "checkpoints/final/adapter_model.safetensors", "fused/fusion.json", "fused/model.safetensors",
-                "gguf/t-f16.gguf", "gguf/t-q4_k_m.gguf", "Modelfile"):
+                "gguf/t-f16.gguf", "imatrix.gguf", "gguf/t-q4_k_m.gguf", "Modelfile"):
         assert (run / rel).is_file(), rel
-    for stage in ("train", "fuse", "convert", "quantize", "modelfile"):
+    for stage in ("train", "fuse", "convert", "imatrix", "quantize", "modelfile"):
         assert f"==> [{stage}] building" in first.stdout
     assert "does not exist" in first.stdout
     report = json.loads((run / "reports" / "fidelity.json").read_text())
-    assert set(report) == {"fuse", "convert", "quantize:Q4_K_M"} and all(e["passed"] for e in report.values())
+    assert set(report) == {"fuse", "convert:f32", "convert", "quantize:Q4_K_M"}
+    assert all(e["passed"] for e in report.values())
+    assert report["convert:f32"]["kl"] < 1e-7 and report["convert:f32"]["bound_key"] == "fidelity.max_kl_converted_f32"
     assert "| fuse | trained | fused (merge base original) |" in (run / "reports" / "fidelity.md").read_text()
     assert not list(run.rglob(".tmp-*")), "temporary files left behind"
 
@@ -118,6 +77,18 @@ def test_new_system_prompt_rebuilds_only_the_modelfile(chain):
     assert top(changed(before, snapshot(run))) == {"Modelfile", "stamps/modelfile.stamp"}
     assert "==> [modelfile] building Modelfile because stamps/modelfile.stamp changed" in proc.stdout
     assert "あなたは俳句の先生です。" in (run / "Modelfile").read_text(encoding="utf-8")
+
+
+def test_new_calibration_setting_rebuilds_the_imatrix_and_quantizations_only(chain):
+    path, _, run, _ = chain
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    before = snapshot(run)
+    write_config(path, {**cfg, "gguf": {**cfg["gguf"], "imatrix": {**cfg["gguf"]["imatrix"], "chunks": 2}}})
+    proc = make(path)
+    groups = top(changed(before, snapshot(run)))
+    assert {"imatrix.gguf", "gguf/t-q4_k_m.gguf", "stamps/imatrix.stamp", "stamps/quantize.stamp"} <= groups
+    assert not groups & {"fused", "gguf/t-f16.gguf", "checkpoints/final"}
+    assert "==> [imatrix] building imatrix.gguf because stamps/imatrix.stamp changed" in proc.stdout
 
 
 def test_new_quantization_rebuilds_from_quantize_on(chain):
