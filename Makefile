@@ -3,6 +3,7 @@
 #   make demo            the whole chain on a tiny offline model, on CPU (start here)
 #   make test            the test suite
 #   make train|fuse|gguf|modelfile|ollama [CONFIG=config.yaml] [NPROC=2]
+#   make monitor|plots|eval  watch a training, draw it, judge the models
 #   make help            everything else
 #
 # This file sets up the environment (virtual env, pinned llama.cpp) and hands
@@ -18,8 +19,18 @@ PYTEST_ARGS ?=
 PROMPT  ?= こんにちは。自己紹介をしてください。
 
 SUBMAKE := $(MAKE) --no-print-directory -f pipeline.mk PY=$(PY) NPROC=$(NPROC)
+# A build holds its run folder's lock (pipeline/runlock.py) for its whole life: a
+# second `make` on the same run waits for the first, then finds its work done.
+locked = $(PY) -m pipeline locked --config $(1) --
 VENV_READY := $(VENV)/.installed
 LLAMA_READY := $(VENV)/.llama-cpp
+# In the Docker image (docker/Dockerfile) the image is the environment: it sets
+# VENV=/opt/venv, GGML_CUDA=ON and AGIASI_IMAGE_ENV=1, and nothing is installed or
+# built into the mounted clone (an empty target list makes those rules no-ops).
+ifeq ($(AGIASI_IMAGE_ENV),1)
+VENV_READY :=
+LLAMA_READY :=
+endif
 
 .DEFAULT_GOAL := help
 .DELETE_ON_ERROR:
@@ -40,15 +51,13 @@ $(VENV_READY): requirements/base.txt requirements/cpu.txt requirements/test.txt
 
 # The pinned llama.cpp is built once into a cache outside the clone, in a
 # folder named by its pin (so a new pin is a new folder); the Python bindings
-# (used by tests) go into the venv, linked to that same build.
+# (used by tests) go into the venv, linked to that same build. The script
+# checks the cached build (and rebuilds one that lacks a tool it now builds),
+# so a new pin or a new script re-runs it.
 LLAMA_DIR := $(shell bash scripts/build-llama-cpp.sh --print-dir)
 
-$(LLAMA_DIR)/.complete: | $(VENV_READY)
-	@echo "==> [llama.cpp] building the pinned llama.cpp into $(LLAMA_DIR)"
-	PYTHON=$(PY) bash scripts/build-llama-cpp.sh
-
-$(LLAMA_READY): $(LLAMA_DIR)/.complete $(VENV_READY)
-	@echo "==> [llama.cpp] installing the Python bindings into $(VENV)"
+$(LLAMA_READY): $(VENV_READY) scripts/build-llama-cpp.sh scripts/llama-cpp.pin
+	@echo "==> [llama.cpp] pinned llama.cpp in $(LLAMA_DIR), Python bindings in $(VENV)"
 	PYTHON=$(PY) bash scripts/build-llama-cpp.sh --bindings $(PY)
 	@touch $@
 
@@ -58,17 +67,23 @@ llama-cpp: $(LLAMA_READY) ## Build the pinned llama.cpp (cached outside the clon
 
 # ---- the pipeline (see pipeline.mk) --------------------------------------
 
-.PHONY: train fuse gguf modelfile ollama ollama-run
+.PHONY: train fuse gguf modelfile ollama ollama-run monitor plots eval
 train fuse: $(VENV_READY)
+	@$(call locked,$(CONFIG)) $(SUBMAKE) $@ CONFIG=$(CONFIG)
+gguf modelfile ollama ollama-run eval: $(VENV_READY) $(LLAMA_READY)
+	@$(call locked,$(CONFIG)) $(SUBMAKE) $@ CONFIG=$(CONFIG) PROMPT="$(PROMPT)"
+# Readers: they run beside a training (no lock).
+monitor plots: $(VENV_READY)
 	@$(SUBMAKE) $@ CONFIG=$(CONFIG)
-gguf modelfile ollama ollama-run: $(VENV_READY) $(LLAMA_READY)
-	@$(SUBMAKE) $@ CONFIG=$(CONFIG) PROMPT="$(PROMPT)"
 train: ## Train LoRA + soul: checkpoints/final
 fuse: ## Merge LoRA and fold the soul: fused/ (HF model)
 gguf: ## Convert and quantize: gguf/*.gguf
 modelfile: ## Render the Ollama Modelfile
 ollama: ## Register the model with Ollama and check that it answers
 ollama-run: ## Ask the registered model: make ollama-run PROMPT="..."
+monitor: ## Follow training live: step, phase, alpha, gate, loss, ETA
+plots: ## Plot alpha/gate with the phases, loss, orthogonality: reports/*.png
+eval: ## Held-out Japanese perplexity of every model: reports/eval.md
 
 $(TINY)/config.json: pipeline/tiny.py | $(VENV_READY)
 	@echo "==> [tiny-model] building the tiny offline Phi-3 demo base"
@@ -76,7 +91,7 @@ $(TINY)/config.json: pipeline/tiny.py | $(VENV_READY)
 
 .PHONY: demo
 demo: $(VENV_READY) $(LLAMA_READY) $(TINY)/config.json ## Whole chain on the tiny model (CPU, offline)
-	@$(SUBMAKE) ollama-if-available CONFIG=demo.yaml
+	@$(call locked,demo.yaml) $(SUBMAKE) ollama-if-available CONFIG=demo.yaml
 
 # ---- checks --------------------------------------------------------------
 
@@ -87,3 +102,6 @@ test: $(VENV_READY) $(LLAMA_READY) ## Run the test suite
 .PHONY: clean
 clean: ## Remove build outputs of this clone (keeps the venv and the llama.cpp cache)
 	rm -rf build
+
+# The CUDA Docker image: docker-build, docker-run, docker-smoke.
+include docker/docker.mk

@@ -3,7 +3,8 @@
 The Makefile calls these; they also work on their own. Every command loads
 and validates the config first, so a bad config stops before anything is
 written. Exit codes: 0 done, 1 a stage failed, 2 bad config or input,
-3 Ollama not available (`ollama-status`).
+3 Ollama not available (`ollama-status`), 4 the run folder is locked by
+another build (`locked --no-wait`).
 """
 from __future__ import annotations
 
@@ -24,6 +25,22 @@ def _cmd_plan(args) -> int:
 
     print(write_plan(load_config(args.config)))
     return 0
+
+
+def _cmd_locked(args) -> int:
+    from .config import ConfigError
+    from .runlock import exec_locked
+
+    command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    if not command:
+        raise PipelineError("locked: give the command to run after --, e.g. -- make -f pipeline.mk gguf")
+    try:
+        cfg = load_config(args.config)
+    except ConfigError:
+        # Nothing can be built from a bad config: let the command (make's plan) report it.
+        os.execvp(command[0], command)
+    exec_locked(cfg.run_dir, command, wait=not args.no_wait)
+    return 0  # not reached: exec_locked replaces this process
 
 
 def _cmd_check(args) -> int:
@@ -50,6 +67,13 @@ def _cmd_convert(args) -> int:
     from .gguf import convert
 
     convert(load_config(args.config))
+    return 0
+
+
+def _cmd_imatrix(args) -> int:
+    from .gguf import imatrix
+
+    imatrix(load_config(args.config))
     return 0
 
 
@@ -89,6 +113,29 @@ def _cmd_ollama_status(args) -> int:
     if reason:
         print(how_to_get_ollama(reason, cfg))
         return EXIT_NO_OLLAMA
+    return 0
+
+
+def _cmd_monitor(args) -> int:
+    from .monitor import monitor
+
+    monitor(load_config(args.config), once=args.once, interval=args.interval, print_every=args.print_every)
+    return 0
+
+
+def _cmd_plots(args) -> int:
+    from .plots import plots
+
+    plots(load_config(args.config))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .evaluate import evaluate
+    from .hf import quiet_transformers
+
+    quiet_transformers()
+    evaluate(load_config(args.config))
     return 0
 
 
@@ -137,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     command("check-config", _cmd_check, "Validate a config and report every problem at once.")
+    sp = command("locked", _cmd_locked,
+                 "Run a command (make) holding the run folder's lock: one build per run folder at a time.")
+    sp.add_argument("--no-wait", action="store_true", help="refuse (exit 4) instead of waiting for the lock")
+    sp.add_argument("command_line", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     command("plan", _cmd_plan, "Write the run's config stamps and plan.mk for Make; print plan.mk's path.")
     command("train", _cmd_train,
             "Train LoRA + soul; write checkpoints/step_NNNNNN/ and checkpoints/final/ and metrics.jsonl.")
@@ -144,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--checkpoint", type=Path, help="checkpoint folder (default: the run's checkpoints/final)")
     sp.add_argument("--out", type=Path, help="output folder (default: the run's fused/)")
     command("convert", _cmd_convert, "Convert the fused model to GGUF (gguf.outtype) with the pinned llama.cpp.")
+    command("imatrix", _cmd_imatrix, "Compute the importance matrix (gguf.imatrix) of the converted GGUF.")
     sp = command("quantize", _cmd_quantize, "Quantize the converted GGUF with llama-quantize.")
     sp.add_argument("--type", required=True, help="one of gguf.quantizations, e.g. Q4_K_M")
     command("modelfile", _cmd_modelfile, "Render the Ollama Modelfile for the run.")
@@ -153,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt", required=True)
     command("ollama-status", _cmd_ollama_status,
             "Exit 0 when Ollama is reachable; else say how to get one and exit 3.")
+    sp = command("monitor", _cmd_monitor,
+                 "Show a training run's progress from metrics.jsonl until training ends (or once).")
+    sp.add_argument("--once", action="store_true", help="show the status once and exit")
+    sp.add_argument("--interval", type=float, default=1.0, help="seconds between looks at metrics.jsonl")
+    sp.add_argument("--print-every", type=float, default=10.0,
+                    help="without a terminal: seconds between printed status blocks")
+    command("plots", _cmd_plots, "Plot alpha/gate with the phases, loss and orthogonality error into reports/.")
+    command("eval", _cmd_eval,
+            "Perplexity on held-out text for base, trained, fused and GGUF models; check eval.max_ppl_ratio.")
     sp = command("chat", _cmd_chat, "Talk to a training checkpoint (base + LoRA + soul, as trained).", config=False)
     sp.add_argument("--checkpoint", type=Path, required=True, help="e.g. build/demo/checkpoints/final")
     sp.add_argument("--prompt", help="answer this one message and exit (default: read messages from stdin)")

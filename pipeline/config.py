@@ -27,6 +27,10 @@ from .errors import BadInputError
 SOUL_BLOCK = 8  # the soul rotates the hidden state in independent 8x8 blocks
 CHECKPOINT_MARKER = "checkpoint.json"  # written last into a complete checkpoint folder
 FUSION_MARKER = "fusion.json"  # written last into a complete fused model folder
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+# The project's own folders (sources, tools, bundled inputs): no run writes its outputs there.
+PROJECT_FOLDERS = ("pipeline", "tests", "scripts", "modelfiles", "requirements", "data", "bench", "docker",
+                   ".git", ".venv")
 
 
 class ConfigError(BadInputError):
@@ -103,24 +107,43 @@ class FuseSection(_Section):
     merge_base: Literal["original", "dequantized", "auto"] = "auto"
 
 
+class ImatrixSection(_Section):
+    calibration: str | None = None  # text file; None: quantize without an importance matrix
+    ctx: int = Field(default=512, ge=16)  # tokens per chunk (the file needs at least two chunks)
+    chunks: int | None = Field(default=None, ge=1)  # at most this many chunks (None: all)
+
+
 class GgufSection(_Section):
     outtype: Literal["f32", "f16", "bf16", "q8_0"] = "f16"
     quantizations: list[str] = Field(default_factory=lambda: ["Q4_K_M"], min_length=1)
     output_tensor_type: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_]+$")
+    imatrix: ImatrixSection = ImatrixSection()
 
 
 class FidelitySection(_Section):
     enabled: bool = True
     max_kl_fused: float = Field(default=0.02, ge=0)
     max_kl_converted: float = Field(default=1e-3, ge=0)
+    # convert also writes a throwaway f32 GGUF and compares it with the fused model: that
+    # isolates the converter and llama.cpp's arithmetic from gguf.outtype's rounding.
+    compare_f32: bool = True
+    max_kl_converted_f32: float = Field(default=1e-5, ge=0)
     max_kl_quantized: dict[str, float] = Field(
         default_factory=lambda: {"Q8_0": 0.01, "Q6_K": 0.02, "Q5_K_M": 0.05, "Q4_K_M": 0.1})
     max_kl_quantized_default: float = Field(default=0.25, ge=0)
 
 
+class EvalSection(_Section):
+    heldout: str = Field(default="data/heldout_ja.txt", min_length=1)  # plain Japanese text, not trained on
+    max_ppl_ratio: float = Field(default=1.10, gt=0)  # bound on trained perplexity / base perplexity
+    max_tokens: int = Field(default=4096, ge=2)  # evaluate at most this many held-out tokens
+    # tokens per forward pass: llama.cpp ignores Phi-3's sliding window beyond 2047
+    chunk_tokens: int = Field(default=1024, ge=2, le=2046)
+
+
 class OllamaSection(_Section):
     model: str = Field(default="agiasi-borea", pattern=r"^[a-z0-9][a-z0-9._/:-]*$")
-    family: str = "phi3"
+    family: str = Field(default="phi3", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # a name in modelfiles/, not a path
     template: str | None = None  # a TEMPLATE of your own instead of the family's (needs `stop`)
     stop: list[str] | None = None
     system: str = ""
@@ -137,6 +160,7 @@ class Config(_Section):
     gguf: GgufSection = GgufSection()
     fidelity: FidelitySection = FidelitySection()
     ollama: OllamaSection = OllamaSection()
+    eval: EvalSection = EvalSection()
 
     # Set by load_config: where the file lives, to resolve relative paths.
     source: Path = Field(default=Path("."), exclude=True)
@@ -166,9 +190,44 @@ class Config(_Section):
     def fused_marker(self) -> Path:
         return self.fused_dir / FUSION_MARKER
 
+    @property
+    def imatrix_calibration(self) -> Path | None:
+        c = self.gguf.imatrix.calibration
+        return None if c is None else self.resolve(c)
+
+    @property
+    def imatrix_path(self) -> Path | None:
+        """The importance matrix quantization uses (None when gguf.imatrix.calibration is unset)."""
+        return None if self.gguf.imatrix.calibration is None else self.run_dir / "imatrix.gguf"
+
     def gguf_path(self, kind: str) -> Path:
         """kind: the converter's outtype (f16) or a quantization type (Q4_K_M)."""
         return self.run_dir / "gguf" / f"{self.run.name}-{kind.lower()}.gguf"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.run_dir / "reports"
+
+    @property
+    def plot_paths(self) -> dict[str, Path]:
+        return {name: self.reports_dir / f"{name}.png" for name in ("phases", "training")}
+
+    @property
+    def heldout_path(self) -> Path:
+        return self.resolve(self.eval.heldout)
+
+    @property
+    def eval_report(self) -> Path:
+        return self.reports_dir / "eval.json"
+
+    @property
+    def eval_passed(self) -> Path:
+        """Written only when the eval bounds hold: what Make takes as `make eval` done."""
+        return self.reports_dir / "eval.passed"
 
     @property
     def modelfile_path(self) -> Path:
@@ -201,9 +260,12 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "train": ("run.seed", "model", "data", "train", "soul"),
     "fuse": ("fuse", "fidelity"),  # merge_base auto compares candidates with the gate's prompts
     "convert": ("gguf.outtype", "fidelity"),
-    "quantize": ("gguf.output_tensor_type", "fidelity"),
+    "imatrix": ("gguf.imatrix",),
+    "quantize": ("gguf.output_tensor_type", "gguf.imatrix", "fidelity"),
     "modelfile": ("ollama", "gguf.quantizations"),  # FROM names the first quantization
     "register": ("ollama.model",),
+    "plots": ("train.steps", "soul"),  # the phase boundaries shaded in the figures
+    "eval": ("eval",),
 }
 
 
@@ -218,6 +280,10 @@ def stage_inputs_json(cfg: Config, stage: str) -> str:
         picked[key] = node
     # Paths are compared resolved, so moving the config file with its data
     # does not look like a change while pointing at other data does.
+    if "gguf.imatrix" in picked and cfg.gguf.imatrix.calibration:
+        picked["gguf.imatrix"] = dict(picked["gguf.imatrix"], calibration=str(cfg.imatrix_calibration.resolve()))
+    if stage == "eval":
+        picked["eval"] = dict(picked["eval"], heldout=str(cfg.heldout_path.resolve()))
     if stage == "train":
         picked["data"] = dict(picked["data"], train=str(cfg.resolve(cfg.data.train).resolve()))
         if cfg.base_is_local():
@@ -267,6 +333,8 @@ def load_config(path: Path | str) -> Config:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (SafeLoader subclass)
     except yaml.YAMLError as e:
         raise ConfigError(path, [f"invalid YAML: {e}".replace("\n", " ")]) from None
+    if raw is None:
+        raise ConfigError(path, ["the file is empty (expected sections run, model, data, ...)"])
     if not isinstance(raw, dict):
         raise ConfigError(path, ["the top level must be a mapping of sections (run, model, data, ...)"])
 
@@ -311,28 +379,74 @@ def _check_values(cfg: Config) -> list[str]:
         problems.append("ollama.template and ollama.stop go together: a custom template needs its stop tokens")
     if "stop" in cfg.ollama.parameters:
         problems.append("ollama.parameters.stop: stop tokens come from the chat format (ollama.family or ollama.stop)")
+    from .llamacpp import QUANT_TYPES  # standard library only: cheap to import here
+
     for q in cfg.gguf.quantizations:
-        if not q.replace("_", "").isalnum():
-            problems.append(f"gguf.quantizations: {q!r} is not a quantization type name")
+        if q.upper() not in {name.upper() for name in QUANT_TYPES}:
+            problems.append(f"gguf.quantizations: {q!r} is not a type llama-quantize knows ({', '.join(QUANT_TYPES)})")
+    problems.extend(_check_paths(cfg))
 
     data = cfg.resolve(cfg.data.train)
-    if not data.is_file():
+    if data.is_dir():
+        problems.append(f"data.train: {data} is a folder, not a JSONL file")
+    elif not data.is_file():
         problems.append(f"data.train: file not found: {data}")
+    calibration = cfg.imatrix_calibration
+    if calibration is not None and not calibration.is_file():
+        problems.append(f"gguf.imatrix.calibration: file not found: {calibration}")
 
     if cfg.base_is_local():
         problems.extend(_check_local_base(cfg.resolve(cfg.model.base)))
     return problems
 
 
+def _check_paths(cfg: Config) -> list[str]:
+    """Where paths may point: a run replaces and deletes what lies in its run folder, so that folder
+    holds no input and is none of the project's own; the family names a template in modelfiles/."""
+    problems = []
+    run_dir = cfg.run_dir.resolve()
+    if run_dir == PROJECT_DIR:
+        problems.append(f"run.build_dir: the run folder {run_dir} is the project folder itself")
+    for name in PROJECT_FOLDERS:
+        folder = PROJECT_DIR / name
+        if run_dir == folder or folder in run_dir.parents:
+            problems.append(f"run.build_dir: the run folder {run_dir} lies inside the project's {name}/, "
+                            "which is not for build outputs")
+    inputs = {"data.train": cfg.resolve(cfg.data.train)}
+    if cfg.base_is_local():
+        inputs["model.base"] = cfg.resolve(cfg.model.base)
+    for key, path in inputs.items():
+        resolved = path.resolve()
+        if resolved == run_dir or run_dir in resolved.parents:
+            problems.append(f"{key}: {path} lies inside the run folder {run_dir}, "
+                            "whose contents the pipeline replaces and deletes")
+    if cfg.ollama.template is None and not (PROJECT_DIR / "modelfiles" / f"{cfg.ollama.family}.Modelfile").is_file():
+        known = sorted(p.stem for p in (PROJECT_DIR / "modelfiles").glob("*.Modelfile"))
+        problems.append(f"ollama.family: no template modelfiles/{cfg.ollama.family}.Modelfile "
+                        f"(known: {', '.join(known)})")
+    return problems
+
+
 def _check_local_base(base: Path) -> list[str]:
+    from .modeldir import folder_problems, is_lfs_pointer, lfs_pointer_problem
+
     cfg_file = base / "config.json"
+    if not base.exists():
+        return [f"model.base: folder not found: {base}"]
+    if is_lfs_pointer(base):
+        return [lfs_pointer_problem(base)]
     if not cfg_file.is_file():
         return [f"model.base: {base} is not a Hugging Face model folder (no config.json)"]
+    problems = folder_problems(base)  # weights and tokenizer: pointers, truncation, absence
+    if is_lfs_pointer(cfg_file):
+        return problems
     try:
         hf = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        return [f"model.base: cannot read {cfg_file}: {e}"]
-    return check_base_architecture(hf, str(cfg_file))
+        return [f"model.base: cannot read {cfg_file}: {e}"] + problems
+    if not isinstance(hf, dict):
+        return [f"model.base: {cfg_file} is not a JSON object"] + problems
+    return check_base_architecture(hf, str(cfg_file)) + problems
 
 
 def check_base_architecture(hf: dict[str, Any], where: str) -> list[str]:

@@ -26,6 +26,7 @@ from .checkpoint import read_marker
 from .config import CHECKPOINT_MARKER, FUSION_MARKER, SOUL_BLOCK, Config
 from .errors import FuseError
 from .hf import DTYPES, read_model_config, resolve_base
+from .integrity import folder_records, verify_folder
 from .soul import SOUL_FILE, SoulState, fold_soul_rows, load_soul
 from .tensors import SafetensorsReader, return_freed_memory_eagerly, weight_shards, write_safetensors
 
@@ -200,6 +201,7 @@ def fuse(cfg: Config, checkpoint: Path | None = None, out_dir: Path | None = Non
     if state is None:
         raise FuseError(f"{ckpt}: not a complete checkpoint (no {CHECKPOINT_MARKER}); run `make train` first")
     base_dir = resolve_base(cfg)
+    verify_folder(ckpt, CHECKPOINT_MARKER, remove_damaged=checkpoint is None)
     adapter = read_adapter(ckpt)
     soul = load_soul(ckpt / SOUL_FILE)
     dtype = DTYPES[cfg.fuse.dtype]
@@ -248,6 +250,8 @@ def fuse(cfg: Config, checkpoint: Path | None = None, out_dir: Path | None = Non
             "tied_input": bool(hf.get("tie_word_embeddings", False)),
             "inputs": {p.name: sha256_file(p) for p in (ckpt / "adapter_model.safetensors", ckpt / SOUL_FILE)},
             "outputs": {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))},
+            # Every file with its size: integrity.sweep/verify_folder find a damaged one.
+            "files": folder_records(tmp),
         }
         atomic_write_text(tmp / FUSION_MARKER, json.dumps(provenance, indent=1) + "\n")
         if cfg.fidelity.enabled:

@@ -77,6 +77,18 @@ def primary_quantization(cfg: Config) -> str:
     return cfg.gguf.quantizations[0]
 
 
+def check_served_gguf(cfg: Config) -> Path:
+    """The GGUF Ollama serves; when it exists it must be a complete GGUF (GGUFError, exit 2, names it)."""
+    from .integrity import verify_file
+    from .llamacpp import validate_gguf
+
+    gguf = cfg.gguf_path(primary_quantization(cfg))
+    if gguf.exists():
+        validate_gguf(gguf)  # a file that is no GGUF at all is named as such (GGUFError, exit 2)
+        verify_file(gguf)  # one that is not what quantize wrote is removed, to be rebuilt
+    return gguf
+
+
 def render_modelfile(cfg: Config) -> str:
     """The Modelfile text; FROM is relative to the Modelfile's folder."""
     gguf = cfg.gguf_path(primary_quantization(cfg))
@@ -116,6 +128,7 @@ def write_modelfile(cfg: Config) -> Path:
     if missing:
         raise OllamaError(f"the Modelfile's stops lack {missing}, which {model_dir} ends turns or text with "
                           "(chat_template.jinja, generation_config.json): add them to the chat format")
+    check_served_gguf(cfg)  # never a Modelfile FROM a file that is not a GGUF
     text = render_modelfile(cfg)
     atomic_write_text(cfg.modelfile_path, text)
     print(f"[modelfile] wrote {cfg.modelfile_path}")
@@ -267,17 +280,14 @@ def register(cfg: Config) -> Path:
     the model does not answer properly; no stamp is written then. A GGUF that
     fails validation is never uploaded.
     """
-    from .llamacpp import validate_gguf
-
+    gguf = check_served_gguf(cfg)  # a broken file is named whether or not a server runs
     reason = unavailable_reason()
     if reason:
         raise OllamaError(how_to_get_ollama(reason, cfg))
     modelfile = cfg.modelfile_path
-    gguf = cfg.gguf_path(primary_quantization(cfg))
     for p in (modelfile, gguf):
         if not p.is_file():
             raise OllamaError(f"{p}: missing; run `make gguf` and `make modelfile` first")
-    validate_gguf(gguf)
     client = OllamaClient()
     if shutil.which("ollama"):
         create_with_cli(cfg)

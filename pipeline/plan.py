@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .artifacts import write_if_changed
 from .config import STAGE_INPUTS, Config, stage_inputs_json
+from .integrity import sweep
 from .ollama import MODELFILES, primary_quantization
 
 # Files of a local base model whose change means training must run again.
@@ -45,16 +46,28 @@ def make_variables(cfg: Config) -> dict[str, str]:
         "GGUF_DIR": str(gguf_dir.resolve()),
         "CONVERTED": str(cfg.gguf_path(cfg.gguf.outtype).resolve()),
         "QUANTIZED": " ".join(str(p.resolve()) for p in quant_paths),
+        # Empty when quantizing without an importance matrix.
+        "IMATRIX": str(cfg.imatrix_path.resolve()) if cfg.imatrix_path else "",
+        "CALIBRATION": str(cfg.imatrix_calibration.resolve()) if cfg.imatrix_calibration else "",
         "SERVED_GGUF": str(cfg.gguf_path(primary_quantization(cfg)).resolve()),
         "MODELFILE": str(cfg.modelfile_path.resolve()),
         "FAMILY_TEMPLATE": str((MODELFILES / f"{cfg.ollama.family}.Modelfile").resolve()),
         "OLLAMA_STAMP": str(cfg.ollama_stamp.resolve()),
         "OLLAMA_MODEL": cfg.ollama.model,
+        "METRICS": str(cfg.metrics_path.resolve()),
+        "PLOTS": " ".join(str(p.resolve()) for p in cfg.plot_paths.values()),
+        "HELDOUT": str(cfg.heldout_path.resolve()),
+        "EVAL_PASSED": str(cfg.eval_passed.resolve()),
     }
 
 
 def write_plan(cfg: Config) -> Path:
-    """Write the stage stamps and plan.mk (only what changed); return plan.mk's path."""
+    """Write the stage stamps and plan.mk (only what changed); return plan.mk's path.
+
+    First removes any artifact of the run that no longer matches what its stage
+    recorded (integrity.sweep), so that Make rebuilds it instead of using it.
+    """
+    sweep(cfg)
     for stage in STAGE_INPUTS:
         write_if_changed(stamp_path(cfg, stage), stage_inputs_json(cfg, stage))
     lines = ["# Written by `python -m pipeline plan`: artifact paths of this run, for pipeline.mk."]

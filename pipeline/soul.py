@@ -22,12 +22,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save
 from torch import nn
 
-from .artifacts import atomic_write_bytes
 from .config import SOUL_BLOCK, SoulSection
 from .errors import SoulError
+from .tensors import write_safetensors
 
 SOUL_FILE = "soul.safetensors"
 SOUL_FORMAT = "agiasi-soul/1"
@@ -219,7 +218,10 @@ def save_soul(path: Path, soul: SO8Soul, step: int) -> None:
     }
     meta = {"format": SOUL_FORMAT, "step": str(step), "block": str(SOUL_BLOCK),
             "shared": str(soul.generator.shape[0] == 1 and soul.n_blocks > 1).lower()}
-    atomic_write_bytes(path, save(tensors, metadata=meta))
+    # Our own writer, not safetensors' save(): that one orders metadata keys by a per-process
+    # hash, so the same soul would give different bytes (and sha256) in each run.
+    write_safetensors(path, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], tensors.__getitem__,
+                      metadata=meta)
 
 
 def load_soul(path: Path) -> SoulState:

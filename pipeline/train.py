@@ -32,6 +32,7 @@ from .checkpoint import (
 from .config import CHECKPOINT_MARKER, Config
 from .data import IGNORE, collate, example_order, load_examples
 from .hf import DTYPES, load_causal_lm, load_tokenizer, pick_device, resolve_base
+from .integrity import folder_problem, folder_records
 from .soul import (
     SOUL_FILE, SO8Soul, SoulHead, alpha_at, load_soul, orthogonality_error, phase_at, save_soul, sigmoid,
 )
@@ -133,6 +134,9 @@ class Trainer:
             for _, folder, marker in complete_steps(self.ckpt_dir):
                 if marker.get("train_config_sha256") != digest:
                     self.log(f"[train] removing {folder.name}: it was trained with another config")
+                    shutil.rmtree(folder)
+                elif problem := folder_problem(folder, CHECKPOINT_MARKER, full=True):
+                    self.log(f"[train] removing {folder.name}: damaged ({problem})")
                     shutil.rmtree(folder)
         self.dist.barrier()
         latest = None
@@ -254,6 +258,7 @@ class Trainer:
             return final
         with atomic_dir(final) as tmp:
             self.model.save_pretrained(str(tmp), safe_serialization=True)
+            canonical_adapter_config(tmp / "adapter_config.json")
             test_kill_point(f"save:{step}")
             save_soul(tmp / SOUL_FILE, self.soul, step)
             save_trainer_state(tmp, self.optimizer, step)
@@ -268,6 +273,8 @@ class Trainer:
                 "nf4": {"load_dtype": str(self.compute_dtype).removeprefix("torch."),
                         "double_quant": self.cfg.train.double_quant, "blocksize": 64} if self.nf4 else None,
                 "train_config_sha256": self.cfg.section_digest("train"),
+                # sha256 and size of each file: damage is found before fuse or a resume reads it.
+                "files": folder_records(tmp),
             }, indent=1) + "\n")
         self.log(f"[train] wrote {final}")
         self.dist.barrier()
@@ -351,6 +358,15 @@ def read_metrics(path: Path, up_to: int) -> list[dict]:
         if row.get("step", 0) <= up_to:
             rows.append(row)
     return rows
+
+
+def canonical_adapter_config(path: Path) -> None:
+    """PEFT writes target_modules from a set, in an order that changes with each process's
+    string hashing: sort it, so the same training writes the same bytes (and sha256)."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def test_kill_point(point: str) -> None:

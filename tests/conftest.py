@@ -45,8 +45,23 @@ def small_config(base_dir: Path, build_dir: Path, **overrides) -> dict:
         "train": {"steps": 6, "save_every": 3, "batch_size": 2, "device": "cpu", "lr_warmup_steps": 1},
         "soul": {"warmup_steps": 1, "anneal_steps": 4},
         "fuse": {"dtype": "float32"},
+        # Plain quantization unless a test asks for an importance matrix (test_chain does).
+        "gguf": {"imatrix": {"calibration": None}},
     })
     return deep_merge(cfg, overrides)
+
+
+def rerecord(folder: Path, name: str, marker: str = "checkpoint.json") -> None:
+    """After a test replaced `name` in a checkpoint (or fused) folder on purpose: record it in
+    the folder's marker, as its stage would have, so it is not taken for damage."""
+    import json
+
+    from pipeline.integrity import file_record
+
+    path = folder / marker
+    recorded = json.loads(path.read_text(encoding="utf-8"))
+    recorded["files"][name] = file_record(folder / name)
+    path.write_text(json.dumps(recorded), encoding="utf-8")
 
 
 def write_config(path: Path, cfg: dict) -> Path:
@@ -76,3 +91,34 @@ def fused_run(trained_run):
 
     fuse(trained_run)
     return trained_run
+
+
+# -- the reliability group: `pytest -m reliability`, one tally line per category ----------
+# A test joins with @pytest.mark.reliability("<category>"); each parametrized case counts
+# once: tried when its setup and call ran (or setup failed), passed only when its call passed.
+_RELIABILITY: dict[str, dict[str, bool]] = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    marker = item.get_closest_marker("reliability")
+    if marker is None:
+        return
+    category = marker.args[0] if marker.args else "uncategorized"
+    tally = _RELIABILITY.setdefault(category, {})
+    if report.when == "call" or (report.when == "setup" and report.failed):
+        tally[item.nodeid] = report.passed and report.when == "call"
+    elif report.when == "teardown" and report.failed:
+        tally[item.nodeid] = False
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _RELIABILITY:
+        return
+    terminalreporter.section("reliability")
+    for category in sorted(_RELIABILITY):
+        cases = _RELIABILITY[category]
+        terminalreporter.write_line(
+            f"reliability {category}: {len(cases)} cases tried, {sum(cases.values())} passed")

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import small_config, write_config
+from conftest import rerecord, small_config, write_config
 from pipeline import fuse as fuse_module
 from pipeline.config import load_config
 from pipeline.fidelity import FidelityError, check_converted, compare
@@ -25,6 +25,7 @@ def rotated_run(tiny_phi3_dir, tmp_path_factory):
     with torch.no_grad():
         soul.generator.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
     save_soul(cfg.final_checkpoint / "soul.safetensors", soul, step=cfg.train.steps)
+    rerecord(cfg.final_checkpoint, "soul.safetensors")
     return cfg
 
 

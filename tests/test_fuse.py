@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import small_config, write_config
+from conftest import rerecord, small_config, write_config
 from pipeline.config import load_config
 from pipeline.errors import FuseError
 from pipeline.soul import SO8Soul, SoulHead, fold_soul_into_head, load_soul
@@ -139,6 +139,7 @@ def test_soul_of_the_wrong_size_is_refused(fused_run, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(fused_run.final_checkpoint, ckpt)
     save_soul(ckpt / "soul.safetensors", SO8Soul(128), step=1)
+    rerecord(ckpt, "soul.safetensors")
     with pytest.raises(FuseError, match="hidden_size is 256"):
         fuse(fused_run, checkpoint=ckpt, out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
