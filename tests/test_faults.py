@@ -96,3 +96,61 @@ def test_kill_minus_9_then_make_again(reference, tiny_phi3_dir, tmp_path, stage,
     make(config)  # finishes the run
     assert comparable(snapshot(run)) == comparable(snapshot(ref_run))
     assert not list(run.rglob(".tmp-*")), "a killed stage's temporary files were left behind"
+
+
+@pytest.fixture(scope="module")
+def ollama_server():
+    """The contract server of test_ollama (our REST client's view of Ollama), for register."""
+    import http.server
+    import threading
+
+    from test_ollama import FakeOllama
+
+    FakeOllama.blobs, FakeOllama.models, FakeOllama.calls = {}, {}, []
+    FakeOllama.done_reason, FakeOllama.answer = "stop", "こんにちは。私はアシスタントです。"
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeOllama)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "ollama").exists())
+    yield {**os.environ, "MAKEFLAGS": "", "OLLAMA_HOST": f"127.0.0.1:{server.server_port}", "PATH": path}
+    server.shutdown()
+
+
+def copy_run(ref_run: Path, run: Path) -> None:
+    shutil.copytree(ref_run, run, ignore=shutil.ignore_patterns(".lock", "plan.mk"))
+
+
+@pytest.fixture(scope="module")
+def registered(reference, tiny_phi3_dir, tmp_path_factory, ollama_server):
+    """The uninterrupted registration: its ollama.json and how long it took."""
+    ref_run, _ = reference
+    root = tmp_path_factory.mktemp("registered")
+    config = run_config(tiny_phi3_dir, root)
+    copy_run(ref_run, root / "build" / "t")
+    t0 = time.monotonic()
+    proc = subprocess.run(make_argv(config, "ollama"), cwd=REPO, capture_output=True, text=True, env=ollama_server)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return (root / "build" / "t" / "ollama.json").read_bytes(), time.monotonic() - t0
+
+
+@pytest.mark.parametrize("k", range(KILLS), ids=[f"register-kill{k}" for k in range(KILLS)])
+def test_kill_minus_9_during_registration(reference, registered, ollama_server, tiny_phi3_dir, tmp_path, k):
+    ref_run, _ = reference
+    want, duration = registered
+    config = run_config(tiny_phi3_dir, tmp_path)
+    run = tmp_path / "build" / "t"
+    copy_run(ref_run, run)
+    delay = random.Random(f"register-{k}").uniform(0.1, 1.0) * duration
+    proc = subprocess.Popen(make_argv(config, "ollama"), cwd=REPO, env=ollama_server, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    killed = proc.poll() is None
+    if killed:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    print(f"register: kill at {delay:.2f} s of {duration:.2f} s ({'killed' if killed else 'had finished'})")
+    if killed:
+        assert not (run / "ollama.json").exists() or (run / "ollama.json").read_bytes() == want
+    done = subprocess.run(make_argv(config, "ollama"), cwd=REPO, capture_output=True, text=True, env=ollama_server)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run / "ollama.json").read_bytes() == want
+    assert not list(run.rglob(".tmp-*"))
