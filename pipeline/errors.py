@@ -25,6 +25,12 @@ class FuseError(PipelineError):
     """A checkpoint that cannot be fused into this base."""
 
 
+class CheckpointMismatchError(FuseError):
+    """A checkpoint made for another model (its soul or LoRA does not fit the base): bad input."""
+
+    exit_code = 2
+
+
 class ToolchainError(PipelineError):
     """The pinned llama.cpp is missing or one of its tools failed."""
 

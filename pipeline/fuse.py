@@ -24,7 +24,7 @@ from safetensors import safe_open
 from .artifacts import atomic_dir, atomic_write_text, sha256_file
 from .checkpoint import read_marker
 from .config import CHECKPOINT_MARKER, FUSION_MARKER, SOUL_BLOCK, Config
-from .errors import FuseError
+from .errors import CheckpointMismatchError, FuseError
 from .hf import DTYPES, read_model_config, resolve_base
 from .integrity import folder_records, verify_folder
 from .soul import SOUL_FILE, SoulState, fold_soul_rows, load_soul
@@ -52,7 +52,8 @@ class LoraAdapter:
         modified in place when it is already a float32 copy of its own)."""
         a, b = self.factors[name]
         if (b.shape[0], a.shape[1]) != tuple(w.shape):
-            raise FuseError(f"LoRA for {name} has shape {(b.shape[0], a.shape[1])}, base has {tuple(w.shape)}")
+            raise CheckpointMismatchError(
+                f"LoRA for {name} has shape {(b.shape[0], a.shape[1])}, base has {tuple(w.shape)}")
         return w.float().addmm_(b.float(), a.float(), alpha=self.scale)
 
 
@@ -169,7 +170,7 @@ def fuse_tensors(base_dir: Path, out_dir: Path, adapter: LoraAdapter, soul: Soul
 def check_soul_fits(soul: SoulState, hf: dict) -> None:
     hidden = hf["hidden_size"]
     if soul.rotation.shape[0] * SOUL_BLOCK != hidden:
-        raise FuseError(
+        raise CheckpointMismatchError(
             f"soul has {soul.rotation.shape[0]} blocks of {SOUL_BLOCK} ({soul.rotation.shape[0] * SOUL_BLOCK} dims) "
             f"but the base's hidden_size is {hidden}"
         )

@@ -48,7 +48,7 @@ def quantize(cfg: Config, qtype: str) -> Path:
     """Converted GGUF -> `qtype` (case-insensitive, e.g. Q4_K_M)."""
     matches = [q for q in cfg.gguf.quantizations if q.lower() == qtype.lower()]
     if not matches:
-        raise ToolchainError(f"gguf.quantizations does not list {qtype!r} ({cfg.gguf.quantizations})")
+        raise BadInputError(f"{cfg.source}: gguf.quantizations does not list {qtype!r} ({cfg.gguf.quantizations})")
     src, out = cfg.gguf_path(cfg.gguf.outtype), cfg.gguf_path(matches[0])
     verify_file(src)
     print(f"[quantize] {src.name} -> {out.name} ({matches[0]})")

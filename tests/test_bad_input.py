@@ -321,7 +321,7 @@ CASES = [
     Case("register-gguf-bad-magic", gguf_case("register", "q4_k_m", b"GGUX" + b"\x00" * 60),
          ("t-q4_k_m.gguf: not a GGUF file (bad magic)",), env={"OLLAMA_HOST": "127.0.0.1:9"}),
     Case("quantize-type-not-configured", lambda e: ["quantize", "--config", str(e.config()), "--type", "Q2_K"],
-         ("gguf.quantizations does not list 'Q2_K'",), exit_code=1),
+         ("gguf.quantizations does not list 'Q2_K'",)),
     # -- souls and checkpoints ----------------------------------------------------------------
     Case("seed-soul-wrong-shape", seed_soul(lambda: {"alpha": 1.0, "so8_rotation": __import__("torch").eye(8)[:3]}),
          ("soul.pt: so8_rotation has shape [3, 8]",)),
@@ -337,7 +337,7 @@ CASES = [
     Case("seed-soul-not-a-torch-file", seed_soul(b"\x00" * 64), ("soul.pt: not a plain tensor file, refused",)),
     Case("seed-soul-missing", lambda e: ["import-soul", str(e.tmp / "soul.pt"), "--out", str(e.tmp / "s.safetensors")],
          ("soul.pt: file not found",)),
-    Case("fuse-soul-wrong-size", fuse_case(4), ("soul has 4 blocks of 8", "hidden_size is 256"), exit_code=1),
+    Case("fuse-soul-wrong-size", fuse_case(4), ("soul has 4 blocks of 8", "hidden_size is 256")),
     Case("fuse-soul-not-safetensors", fuse_case(None), ("soul.safetensors: not a readable safetensors file",)),
     Case("chat-pickled-adapter", chat_pickled_adapter, ("no adapter_model.safetensors",)),
 ]
