@@ -236,6 +236,7 @@ def fuse(cfg: Config, checkpoint: Path | None = None, out_dir: Path | None = Non
                 shutil.rmtree(tmp / f".candidate-{name}", ignore_errors=True)
             print(f"[fuse] merge base {chosen}: KL to the trained model "
                   + ", ".join(f"{n} {scores[n].kl:.3g}" for n in candidates))
+        files = folder_records(tmp)
         provenance = {
             "base": cfg.model.base,
             "revision": cfg.model.revision,
@@ -250,9 +251,9 @@ def fuse(cfg: Config, checkpoint: Path | None = None, out_dir: Path | None = Non
             "merge_base_reason": merge_reason(cfg.fuse.merge_base, nf4, chosen),
             "tied_input": bool(hf.get("tie_word_embeddings", False)),
             "inputs": {p.name: sha256_file(p) for p in (ckpt / "adapter_model.safetensors", ckpt / SOUL_FILE)},
-            "outputs": {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))},
+            "outputs": {n: r["sha256"] for n, r in files.items() if n.endswith(".safetensors")},
             # Every file with its size: integrity.sweep/verify_folder find a damaged one.
-            "files": folder_records(tmp),
+            "files": files,
         }
         atomic_write_text(tmp / FUSION_MARKER, json.dumps(provenance, indent=1) + "\n")
         if cfg.fidelity.enabled:

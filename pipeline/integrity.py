@@ -70,12 +70,9 @@ def _header_problem(path: Path) -> str | None:
             except GGUFError as e:
                 return str(e)
         elif path.suffix == ".safetensors":
-            from .tensors import SafetensorsReader
+            from .modeldir import safetensors_problem  # no torch: plan runs on every make
 
-            try:
-                SafetensorsReader(path).close()
-            except ValueError as e:
-                return str(e)
+            return safetensors_problem(path, key="header")
     except OSError as e:
         return f"cannot read it ({e})"
     return None
@@ -140,12 +137,16 @@ def remove(path: Path) -> None:
         sidecar(path).unlink(missing_ok=True)
 
 
-def verify_file(path: Path) -> None:
-    """Full check of a GGUF before a stage consumes it; a damaged one is removed, then reported."""
+def verify_file(path: Path) -> str:
+    """Full check of a GGUF before a stage consumes it; a damaged one is removed, then reported.
+
+    Returns its sha256 (just checked), so the caller need not hash it again.
+    """
     problem = file_problem(path, full=True)
     if problem:
         remove(path)
         raise CorruptArtifactError(f"{path}: {problem}; removed it, run make again to rebuild it")
+    return json.loads(sidecar(path).read_text(encoding="utf-8"))["sha256"]
 
 
 def verify_folder(folder: Path, marker_name: str, *, remove_damaged: bool = True) -> None:

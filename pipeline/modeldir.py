@@ -27,30 +27,31 @@ def is_lfs_pointer(path: Path) -> bool:
         return False
 
 
-def lfs_pointer_problem(path: Path) -> str:
-    return (f"model.base: {path} is a git-lfs pointer file, not the file itself "
+def lfs_pointer_problem(path: Path, key: str = "model.base") -> str:
+    return (f"{key}: {path} is a git-lfs pointer file, not the file itself "
             f"(run `git lfs pull` in {path.parent}, or download the model again)")
 
 
-def safetensors_problem(path: Path) -> str | None:
-    """Why `path` is not a complete safetensors file, or None when it is."""
+def safetensors_problem(path: Path, key: str = "model.base") -> str | None:
+    """Why `path` is not a complete safetensors file, or None when it is; the message starts
+    with `key` (the config key or artifact the file belongs to). Standard library only."""
     if is_lfs_pointer(path):
-        return lfs_pointer_problem(path)
+        return lfs_pointer_problem(path, key)
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            return f"model.base: {path} is not a safetensors file ({size} bytes, no header)"
+            return f"{key}: {path} is not a safetensors file ({size} bytes, no header)"
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
-            return f"model.base: {path} is truncated or not a safetensors file (its header claims {n} bytes)"
+            return f"{key}: {path} is truncated or not a safetensors file (its header claims {n} bytes)"
         try:
             header = json.loads(f.read(n))
             end = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-            return f"model.base: {path} is not a safetensors file (unreadable header: {e})"
+            return f"{key}: {path} is not a safetensors file (unreadable header: {e})"
     if 8 + n + end > size:
-        return f"model.base: {path} is truncated: its tensors need {8 + n + end} bytes, the file has {size}"
+        return f"{key}: {path} is truncated: its tensors need {8 + n + end} bytes, the file has {size}"
     return None
 
 

@@ -77,16 +77,17 @@ def primary_quantization(cfg: Config) -> str:
     return cfg.gguf.quantizations[0]
 
 
-def check_served_gguf(cfg: Config) -> Path:
-    """The GGUF Ollama serves; when it exists it must be a complete GGUF (GGUFError, exit 2, names it)."""
+def check_served_gguf(cfg: Config) -> tuple[Path, str | None]:
+    """The GGUF Ollama serves and its sha256 (None when it does not exist yet); when it exists it
+    must be a complete GGUF (GGUFError, exit 2, names it) and what quantize wrote."""
     from .integrity import verify_file
     from .llamacpp import validate_gguf
 
     gguf = cfg.gguf_path(primary_quantization(cfg))
-    if gguf.exists():
-        validate_gguf(gguf)  # a file that is no GGUF at all is named as such (GGUFError, exit 2)
-        verify_file(gguf)  # one that is not what quantize wrote is removed, to be rebuilt
-    return gguf
+    if not gguf.exists():
+        return gguf, None
+    validate_gguf(gguf)  # a file that is no GGUF at all is named as such (GGUFError, exit 2)
+    return gguf, verify_file(gguf)  # one that is not what quantize wrote is removed, to be rebuilt
 
 
 def render_modelfile(cfg: Config) -> str:
@@ -239,8 +240,10 @@ def create_with_cli(cfg: Config) -> None:
         raise OllamaError(f"`ollama create` failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()[-2000:]}")
 
 
-def create_with_api(cfg: Config, client: OllamaClient, gguf: Path) -> None:
-    digest = sha256_digest(gguf)
+def create_with_api(cfg: Config, client: OllamaClient, gguf: Path, sha256: str | None = None) -> None:
+    """Upload the GGUF as a blob (unless the server has it) and create the model; sha256: the
+    GGUF's, when the caller has already computed it."""
+    digest = "sha256:" + sha256 if sha256 else sha256_digest(gguf)
     if client.has_blob(digest):
         print(f"[ollama] {client.host} already has {gguf.name} ({digest[:19]}...)")
     else:
@@ -280,7 +283,7 @@ def register(cfg: Config) -> Path:
     the model does not answer properly; no stamp is written then. A GGUF that
     fails validation is never uploaded.
     """
-    gguf = check_served_gguf(cfg)  # a broken file is named whether or not a server runs
+    gguf, digest = check_served_gguf(cfg)  # a broken file is named whether or not a server runs
     reason = unavailable_reason()
     if reason:
         raise OllamaError(how_to_get_ollama(reason, cfg))
@@ -292,13 +295,13 @@ def register(cfg: Config) -> Path:
     if shutil.which("ollama"):
         create_with_cli(cfg)
     else:
-        create_with_api(cfg, client, gguf)
+        create_with_api(cfg, client, gguf, digest)
     answer = prove_it_answers(cfg, client)
     stamp = {
         "model": cfg.ollama.model,
         "host": client.host,
         "gguf": gguf.name,
-        "gguf_sha256": sha256_file(gguf),
+        "gguf_sha256": digest,
         "modelfile_sha256": sha256_file(modelfile),
         "proof": {"prompt": PROOF_PROMPT, "answer": answer},
     }
