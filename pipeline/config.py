@@ -22,11 +22,10 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from .constants import CHECKPOINT_MARKER, FUSION_MARKER, QUANT_TYPES, SOUL_BLOCK
 from .errors import BadInputError
+from .modeldir import folder_problems, is_lfs_pointer, lfs_pointer_problem
 
-SOUL_BLOCK = 8  # the soul rotates the hidden state in independent 8x8 blocks
-CHECKPOINT_MARKER = "checkpoint.json"  # written last into a complete checkpoint folder
-FUSION_MARKER = "fusion.json"  # written last into a complete fused model folder
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 # The project's own folders (sources, tools, bundled inputs): no run writes its outputs there.
 PROJECT_FOLDERS = ("pipeline", "tests", "scripts", "modelfiles", "requirements", "data", "bench", "docker",
@@ -199,6 +198,17 @@ class Config(_Section):
     def imatrix_path(self) -> Path | None:
         """The importance matrix quantization uses (None when gguf.imatrix.calibration is unset)."""
         return None if self.gguf.imatrix.calibration is None else self.run_dir / "imatrix.gguf"
+
+    @property
+    def gguf_model_name(self) -> str:
+        """general.name of the run's GGUFs: the run's name, marked as Phi-3.
+
+        llama.cpp gives Phi-3's special tokens their right-strip (as tokenizer.json
+        has it) only when general.name says phi3; without it chat turns tokenize
+        differently in llama.cpp and Ollama than in training.
+        """
+        name = self.run.name
+        return name if "phi3" in name.lower() or "phi-3" in name.lower() else f"{name}-phi3"
 
     def gguf_path(self, kind: str) -> Path:
         """kind: the converter's outtype (f16) or a quantization type (Q4_K_M)."""
@@ -379,8 +389,6 @@ def _check_values(cfg: Config) -> list[str]:
         problems.append("ollama.template and ollama.stop go together: a custom template needs its stop tokens")
     if "stop" in cfg.ollama.parameters:
         problems.append("ollama.parameters.stop: stop tokens come from the chat format (ollama.family or ollama.stop)")
-    from .llamacpp import QUANT_TYPES  # standard library only: cheap to import here
-
     for q in cfg.gguf.quantizations:
         if q.upper() not in {name.upper() for name in QUANT_TYPES}:
             problems.append(f"gguf.quantizations: {q!r} is not a type llama-quantize knows ({', '.join(QUANT_TYPES)})")
@@ -428,8 +436,6 @@ def _check_paths(cfg: Config) -> list[str]:
 
 
 def _check_local_base(base: Path) -> list[str]:
-    from .modeldir import folder_problems, is_lfs_pointer, lfs_pointer_problem
-
     cfg_file = base / "config.json"
     if not base.exists():
         return [f"model.base: folder not found: {base}"]

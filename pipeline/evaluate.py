@@ -8,7 +8,7 @@ the run's tokenizer, and the same token ids are scored by every model of the
 run:
 
   base       the configured base, original weights (float32 on CPU, bf16 on CUDA)
-  trained    base + LoRA + soul from checkpoints/final, as trained (pipeline.chat.load_trained)
+  trained    base + LoRA + soul from checkpoints/final, as trained (pipeline.hf.load_trained)
   fused      fused/, the plain HF model
   <outtype>  the converted GGUF, in llama.cpp (F32 KV cache)
   <quant>    each quantized GGUF, in llama.cpp
@@ -39,6 +39,8 @@ import torch
 from .artifacts import atomic_write_text
 from .config import Config
 from .errors import BadInputError, PipelineError
+from .fidelity import gguf_logits, hf_logits
+from .hf import load_causal_lm, load_tokenizer, load_trained, resolve_base
 
 BOUND_KEY = "eval.max_ppl_ratio"
 
@@ -85,8 +87,6 @@ def _row(name: str, source: str, runtime: str, logits: list[np.ndarray], chunks:
 
 def _hf_logits_of(load, chunks: list[list[int]]) -> list[np.ndarray]:
     """Load one HF model, score the chunks, and let the model go before the next one loads."""
-    from .fidelity import hf_logits
-
     model = load()
     logits = hf_logits(model, chunks)
     del model
@@ -99,10 +99,6 @@ def _hf_logits_of(load, chunks: list[list[int]]) -> list[np.ndarray]:
 def measure(cfg: Config) -> tuple[list[dict], list[list[int]]]:
     """Perplexity of every model of the run on the held-out chunks; returns (rows, chunks)."""
     from transformers import AutoModelForCausalLM
-
-    from .chat import load_trained
-    from .fidelity import gguf_logits
-    from .hf import load_causal_lm, load_tokenizer, resolve_base
 
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16

@@ -29,9 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import llamacpp
 from .artifacts import atomic_write_text
 from .config import Config
 from .errors import PipelineError
+from .hf import load_trained
 
 # Each under 2047 tokens: llama.cpp ignores Phi-3's sliding window beyond it.
 CONVERSATIONS = [
@@ -90,8 +92,6 @@ def hf_logits(model, ids: list[list[int]]) -> list[np.ndarray]:
 
 
 def gguf_model(path: Path, n_ctx: int, vocab_only: bool = False):
-    from . import llamacpp
-
     llama_cpp = llamacpp.load_bindings()
     # F32 KV cache (type 0): the default F16 cache alone adds ~1e-3 of logit error.
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, type_k=0, type_v=0,
@@ -193,8 +193,6 @@ class Reference:
 
 def trained_reference(cfg: Config, checkpoint: Path) -> Reference:
     """Load the trained model as trained (NF4 or not, + LoRA + soul) and run the prompts."""
-    from .chat import load_trained
-
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
     trained, tokenizer = load_trained(checkpoint, device=device)
     ids = prompt_ids(tokenizer)
@@ -232,12 +230,9 @@ def check_converted(cfg: Config, fused_dir: Path, gguf: Path) -> None:
     mismatches = tokenization_mismatches(gguf, tokenizer)
     f = cfg.fidelity
     if f.compare_f32 and cfg.gguf.outtype != "f32":
-        from . import llamacpp
-        from .gguf import gguf_model_name
-
         with tempfile.TemporaryDirectory(prefix=".tmp-f32-", dir=gguf.parent) as tmp:
             f32 = llamacpp.convert_hf_to_gguf(fused_dir, Path(tmp) / f"{cfg.run.name}-f32.gguf", "f32",
-                                              model_name=gguf_model_name(cfg))
+                                              model_name=cfg.gguf_model_name)
             gate(cfg, "convert:f32", "fused", f"{f32.name} (temporary)", compare(reference, gguf_logits(f32, ids)),
                  f.max_kl_converted_f32, "fidelity.max_kl_converted_f32")
     gate(cfg, "convert", "fused", cfg.gguf_path(cfg.gguf.outtype).name, compare(reference, gguf_logits(gguf, ids)),

@@ -13,6 +13,7 @@ from pathlib import Path
 from . import llamacpp
 from .config import FUSION_MARKER, Config
 from .errors import BadInputError, ToolchainError
+from .fidelity import check_converted, check_quantized, gguf_model
 from .integrity import verify_file, verify_folder
 
 
@@ -26,22 +27,9 @@ def convert(cfg: Config) -> Path:
     print(f"[convert] {fused} -> {out}")
     check = None
     if cfg.fidelity.enabled:
-        from .fidelity import check_converted
-
         def check(tmp: Path) -> None:
             check_converted(cfg, fused, tmp)
-    return llamacpp.convert_hf_to_gguf(fused, out, cfg.gguf.outtype, model_name=gguf_model_name(cfg), check=check)
-
-
-def gguf_model_name(cfg: Config) -> str:
-    """general.name of the GGUF: the run's name, marked as Phi-3.
-
-    llama.cpp gives Phi-3's special tokens their right-strip (as tokenizer.json
-    has it) only when general.name says phi3; without it chat turns tokenize
-    differently in llama.cpp and Ollama than in training.
-    """
-    name = cfg.run.name
-    return name if "phi3" in name.lower() or "phi-3" in name.lower() else f"{name}-phi3"
+    return llamacpp.convert_hf_to_gguf(fused, out, cfg.gguf.outtype, model_name=cfg.gguf_model_name, check=check)
 
 
 def quantize(cfg: Config, qtype: str) -> Path:
@@ -54,8 +42,6 @@ def quantize(cfg: Config, qtype: str) -> Path:
     print(f"[quantize] {src.name} -> {out.name} ({matches[0]})")
     check = None
     if cfg.fidelity.enabled:
-        from .fidelity import check_quantized
-
         def check(tmp: Path) -> None:
             check_quantized(cfg, src, tmp, matches[0])
     imatrix = cfg.imatrix_path
@@ -78,8 +64,6 @@ def imatrix(cfg: Config) -> Path:
         text = calibration.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise BadInputError(f"{calibration}: gguf.imatrix.calibration is not UTF-8 text ({e})") from None
-    from .fidelity import gguf_model
-
     n = len(gguf_model(src, n_ctx=64, vocab_only=True).tokenize(text.encode(), add_bos=True, special=False))
     ctx = cfg.gguf.imatrix.ctx
     if n < 2 * ctx:

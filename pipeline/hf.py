@@ -1,4 +1,5 @@
-"""Finding and loading Hugging Face models: hub ids and local folders alike."""
+"""Finding and loading Hugging Face models: hub ids and local folders alike, and a
+training checkpoint as trained (base + LoRA + soul)."""
 from __future__ import annotations
 
 import json
@@ -6,9 +7,11 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import read_marker
 from .config import Config, check_base_architecture
 from .errors import ModelError
 from .modeldir import folder_problems, is_lfs_pointer, lfs_pointer_problem
+from .soul import SOUL_FILE, SO8Soul, SoulHead, load_soul
 
 # What a model folder needs; weights must be safetensors (no pickles).
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
@@ -136,3 +139,37 @@ def guard_nf4_cpu_repack(model) -> int:
             module.support_avx512bf16_for_cpu = False
             guarded += 1
     return guarded
+
+
+def load_trained(checkpoint: Path | str, *, device: torch.device | None = None, nf4: bool | None = None):
+    """Load base + adapter + soul from a checkpoint folder; returns (model, tokenizer).
+
+    device: default CUDA when present, else CPU. nf4: load the base in 4-bit
+    NF4 (default: as it was trained; bitsandbytes runs NF4 on CPU too). Raises ModelError
+    for a folder that is not a complete checkpoint or a base that cannot be found.
+    """
+    from peft import PeftModel
+
+    checkpoint = Path(checkpoint)
+    marker = read_marker(checkpoint)
+    if marker is None:
+        raise ModelError(f"{checkpoint}: not a complete checkpoint (no checkpoint.json)")
+    if not (checkpoint / "adapter_model.safetensors").is_file():  # PEFT would fall back to a pickled .bin
+        raise ModelError(f"{checkpoint}: no adapter_model.safetensors (a pickled adapter_model.bin is not loaded)")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if nf4 is None:
+        nf4 = marker.get("quantization") == "nf4"
+    settings = marker.get("nf4") or {}
+    base = Path(marker["base"])
+    base_dir = usable_model_dir(base) if base.is_dir() else usable_model_dir(
+        fetch_from_hub(marker["base"], marker.get("revision")))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if nf4 and "load_dtype" in settings:  # the NF4 weights exactly as training quantized them
+        dtype = DTYPES[settings["load_dtype"]]
+    model = load_causal_lm(base_dir, nf4=nf4, compute_dtype=dtype, device=device, dtype=dtype,
+                           double_quant=settings.get("double_quant", True))
+    model = PeftModel.from_pretrained(model, str(checkpoint))
+    soul = SO8Soul.from_state(load_soul(checkpoint / SOUL_FILE)).to(device)
+    inner = model.base_model.model
+    inner.lm_head = SoulHead(inner.lm_head, soul)
+    return model.eval(), load_tokenizer(base_dir)

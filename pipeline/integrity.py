@@ -25,7 +25,11 @@ import sys
 from pathlib import Path
 
 from .artifacts import atomic_write_text, sha256_file
+from .constants import CHECKPOINT_MARKER, FUSION_MARKER
 from .errors import PipelineError
+from .formats import GGUFError, validate_gguf
+from .modeldir import safetensors_problem
+from .runlock import unless_busy
 
 SIDECAR_SUFFIX = ".sha256"
 
@@ -63,15 +67,11 @@ def _header_problem(path: Path) -> str | None:
     """A cheap structural check of a GGUF or safetensors file; None when it reads."""
     try:
         if path.suffix == ".gguf":
-            from .llamacpp import GGUFError, validate_gguf
-
             try:
                 validate_gguf(path)
             except GGUFError as e:
                 return str(e)
         elif path.suffix == ".safetensors":
-            from .modeldir import safetensors_problem  # no torch: plan runs on every make
-
             return safetensors_problem(path, key="header")
     except OSError as e:
         return f"cannot read it ({e})"
@@ -164,8 +164,6 @@ def verify_folder(folder: Path, marker_name: str, *, remove_damaged: bool = True
 
 def sweep(cfg) -> list[str]:
     """The quick check of every artifact of the run (see the module's doc); returns what was removed."""
-    from .config import CHECKPOINT_MARKER, FUSION_MARKER
-
     removed = []
     folders = [(cfg.final_checkpoint, CHECKPOINT_MARKER), (cfg.fused_dir, FUSION_MARKER)]
     for folder, marker in folders:
@@ -195,8 +193,6 @@ def remove_leftovers(run_dir: Path) -> None:
     Only when no other build is running there (runlock): its temporary files are
     work in progress. A killed fuse or convert can leave gigabytes behind.
     """
-    from .runlock import unless_busy
-
     if not run_dir.is_dir() or not any(run_dir.rglob(".tmp-*")):
         return
     with unless_busy(run_dir) as free:

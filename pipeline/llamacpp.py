@@ -26,37 +26,20 @@ import contextlib
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifacts import atomic_file
-from .errors import BadInputError, ToolchainError
+from .constants import CONVERTER_OUTTYPES, QUANT_TYPES
+from .errors import ToolchainError
+from .formats import GGUFError, GGUFInfo, validate_gguf  # noqa: F401 (GGUFInfo: part of this module's API)
+from .integrity import write_sidecar
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PIN_FILE = REPO_ROOT / "scripts" / "llama-cpp.pin"
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-llama-cpp.sh"
-
-# What convert_hf_to_gguf.py's --outtype accepts. The k-quants are not here:
-# they need llama-quantize after conversion.
-CONVERTER_OUTTYPES = ("f32", "f16", "bf16", "q8_0", "tq1_0", "tq2_0", "auto")
-
-# llama-quantize's type names (QUANT_OPTIONS in tools/quantize/quantize.cpp at
-# the pinned commit, same order). Q4_K, Q5_K and Q3_K are its aliases for the
-# _M mixes; COPY rewrites the file without quantizing. The very low-bit IQ
-# types need an importance matrix, which quantize() does not pass: for them
-# llama-quantize fails (ToolRunError). A test compares this list with the one
-# the built binary prints.
-QUANT_TYPES = (
-    "Q1_0", "Q2_0", "Q4_0", "Q4_1", "MXFP4_MOE", "Q5_0", "Q5_1",
-    "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0",
-    "Q2_K", "Q2_K_S", "IQ3_XXS", "IQ3_S", "IQ3_M", "Q3_K", "IQ3_XS", "Q3_K_S", "Q3_K_M", "Q3_K_L",
-    "IQ4_NL", "IQ4_XS", "Q4_K", "Q4_K_S", "Q4_K_M", "Q5_K", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0",
-    "F16", "BF16", "F32", "COPY",
-)
 
 # Architectures whose GGUF must be named Phi-3 (see convert_hf_to_gguf), and what llama.cpp
 # looks for in the lowercased general.name (src/llama-vocab.cpp).
@@ -72,10 +55,6 @@ _TAIL_LINES = 30
 
 class ToolRunError(ToolchainError):
     """A llama.cpp tool failed, or exited 0 without writing a valid GGUF."""
-
-
-class GGUFError(BadInputError, ValueError):
-    """A file is not a readable, complete GGUF."""
 
 
 def read_pin() -> dict[str, str]:
@@ -242,8 +221,6 @@ def _gguf_output(out_path: Path, what: str, check: Callable[[Path], None] | None
             raise ToolRunError(f"{what} exited 0 but its output for {out_path} is not a valid GGUF: {err}") from err
         if check is not None:
             check(tmp)
-        from .integrity import write_sidecar
-
         write_sidecar(out_path, tmp)  # before the rename: a kill in between leaves a record the old file fails
 
 
@@ -383,110 +360,3 @@ def compute_imatrix(model: Path, calibration: Path, out_path: Path, *, ctx: int 
     with _gguf_output(out_path, "llama-imatrix") as tmp:
         _run_tool(cmd + ["-o", str(tmp)], what=f"llama-imatrix ({model} on {calibration})")
     return out_path
-
-
-# GGUF metadata value types (gguf-py GGUFValueType): struct formats of the fixed-size ones.
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-_GGUF_VERSIONS = (2, 3)  # what llama.cpp reads; version 1 has been unsupported for years
-_GGUF_DEFAULT_ALIGNMENT = 32
-
-
-@dataclass
-class GGUFInfo:
-    """What validate_gguf read: the header, all metadata, and each tensor's ggml type name."""
-
-    version: int
-    metadata: dict[str, object] = field(default_factory=dict)
-    tensor_types: dict[str, str] = field(default_factory=dict)
-
-
-class _HeaderReader:
-    """Sequential little-endian reads that fail cleanly at the end of the file."""
-
-    def __init__(self, f, size: int, path: Path):
-        self.f, self.size, self.path = f, size, path
-
-    def take(self, n: int) -> bytes:
-        if n > self.size - self.f.tell():
-            raise GGUFError(f"{self.path}: truncated GGUF, the header ends early (file is {self.size} bytes)")
-        return self.f.read(n)
-
-    def unpack(self, fmt: str) -> object:
-        return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt)))[0]
-
-    def string(self) -> str:
-        return self.take(self.unpack("Q")).decode("utf-8", errors="replace")
-
-    def value(self, vtype: int) -> object:
-        if vtype in _GGUF_SCALARS:
-            return self.unpack(_GGUF_SCALARS[vtype])
-        if vtype == _GGUF_STRING:
-            return self.string()
-        if vtype == _GGUF_ARRAY:
-            item_type, count = self.unpack("I"), self.unpack("Q")
-            if item_type in _GGUF_SCALARS:
-                fmt = _GGUF_SCALARS[item_type]
-                return list(struct.unpack(f"<{count}{fmt}", self.take(count * struct.calcsize(fmt))))
-            return [self.value(item_type) for _ in range(count)]
-        raise GGUFError(f"{self.path}: corrupt GGUF, unknown metadata value type {vtype}")
-
-
-def validate_gguf(path: Path) -> GGUFInfo:
-    """Check that a file is a complete GGUF, reading only its header.
-
-    Checks the magic `GGUF`, a version llama.cpp reads (2 or 3), that the metadata and tensor
-    table parse to the end without running past the file, and that the file is long enough to
-    hold every tensor's data (sizes from the `gguf` package's block-size table; a tensor type
-    it does not know is only checked to start inside the file).
-
-    Inputs: path, the file to check.
-    Outputs: a GGUFInfo with the version, every metadata key/value (arrays as lists) and each
-    tensor's type name, e.g. {"blk.0.ffn_down.weight": "Q6_K", ...}.
-    Errors: GGUFError naming the file, for a bad magic, an unsupported version, a corrupt or
-    truncated header, or missing tensor data; FileNotFoundError / OSError when it cannot be read.
-    """
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        r = _HeaderReader(f, size, path)
-        if size < 4 or f.read(4) != b"GGUF":
-            raise GGUFError(f"{path}: not a GGUF file (bad magic)")
-        version = r.unpack("I")
-        if version not in _GGUF_VERSIONS:
-            raise GGUFError(f"{path}: unsupported GGUF version {version} (llama.cpp reads {_GGUF_VERSIONS})")
-        n_tensors, n_kv = r.unpack("Q"), r.unpack("Q")
-        info = GGUFInfo(version=version)
-        for _ in range(n_kv):
-            key = r.string()
-            info.metadata[key] = r.value(r.unpack("I"))
-        tensors = []
-        for _ in range(n_tensors):
-            name = r.string()
-            dims = [r.unpack("Q") for _ in range(r.unpack("I"))]
-            tensors.append((name, dims, r.unpack("I"), r.unpack("Q")))
-        header_end = f.tell()
-
-    alignment = info.metadata.get("general.alignment", _GGUF_DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0:
-        raise GGUFError(f"{path}: corrupt GGUF, general.alignment is {alignment!r}")
-    data_start = -(-header_end // alignment) * alignment
-    needed = data_start
-    for name, dims, type_id, offset in tensors:
-        try:
-            qtype = GGMLQuantizationType(type_id)
-        except ValueError:
-            info.tensor_types[name] = f"type {type_id}"
-            needed = max(needed, data_start + offset + 1)
-            continue
-        info.tensor_types[name] = qtype.name
-        block_size, type_size = GGML_QUANT_SIZES[qtype]
-        n_elements = 1
-        for d in dims:
-            n_elements *= d
-        needed = max(needed, data_start + offset + n_elements // block_size * type_size)
-    if size < needed:
-        raise GGUFError(f"{path}: truncated GGUF, tensor data needs {needed} bytes but the file has {size}")
-    return info

@@ -87,7 +87,7 @@ def main() -> None:
     # Trained model as trained (NF4 base + LoRA + soul, bf16 compute) vs the fused model.
     from transformers import AutoTokenizer
 
-    from pipeline.chat import load_trained
+    from pipeline.hf import load_trained
 
     trained, tok = load_trained(cfg.final_checkpoint, device=torch.device("cuda"), nf4=True)
     fused_dir = fuse(cfg)

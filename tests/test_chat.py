@@ -8,7 +8,8 @@ import sys
 import torch
 
 from conftest import REPO
-from pipeline.chat import load_trained, reply
+from pipeline.chat import reply
+from pipeline.hf import load_trained
 
 METRIC_FIELDS = {"step", "phase", "alpha", "gate", "loss", "lm_loss", "ortho_error", "lr", "grad_norm",
                  "tokens_per_s", "elapsed_s"}

@@ -174,7 +174,7 @@ def with_merge_base(cfg, merge_base):
 
 
 def test_merge_into_dequantized_weights_reproduces_the_nf4_trained_model(nf4_run, tmp_path, tokenizer):
-    from pipeline.chat import load_trained
+    from pipeline.hf import load_trained
     from pipeline.fuse import fuse
 
     trained, _ = load_trained(nf4_run.final_checkpoint, device=torch.device("cpu"))

@@ -117,7 +117,7 @@ def test_stale_checkpoints_of_another_config_are_not_resumed(reference, tmp_path
 def test_shared_block_and_learned_alpha_train_and_fuse_exactly(tiny_phi3_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.chat import load_trained
+    from pipeline.hf import load_trained
     from pipeline.fuse import fuse
     from pipeline.soul import load_soul
 
