@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -14,7 +15,8 @@ from pipeline.config import ConfigError, load_config, stage_inputs_json
 
 def test_shipped_real_config_loads():
     cfg = load_config(REPO / "config.yaml")
-    assert cfg.model.base == "HODACHI/Borea-Phi-3.5-mini-Instruct-Jp"
+    assert cfg.model.base == "AXCXEPT/Borea-Phi-3.5-mini-Instruct-Jp"  # the canonical id, not the redirect
+    assert re.fullmatch(r"[0-9a-f]{40}", cfg.model.revision)  # pinned to a commit
     assert (cfg.train.quantization, cfg.train.lora.r, cfg.train.lora.alpha) == ("nf4", 16, 32)
     assert (cfg.train.lr, cfg.train.batch_size, cfg.data.max_length) == (2e-4, 1, 512)
     assert (cfg.train.steps, cfg.train.save_every) == (500, 100)
