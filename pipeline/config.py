@@ -127,6 +127,9 @@ class FidelitySection(_Section):
     # isolates the converter and llama.cpp's arithmetic from gguf.outtype's rounding.
     compare_f32: bool = True
     max_kl_converted_f32: float = Field(default=1e-5, ge=0)
+    # ...on a model made of the fused model's first layers (the property does not depend on
+    # depth; a whole f32 copy of a 3.8B model is a 15 GB temporary).
+    f32_slice_layers: int = Field(default=2, ge=1)
     max_kl_quantized: dict[str, float] = Field(
         default_factory=lambda: {"Q8_0": 0.01, "Q6_K": 0.02, "Q5_K_M": 0.05, "Q4_K_M": 0.1})
     max_kl_quantized_default: float = Field(default=0.25, ge=0)

@@ -7,7 +7,7 @@ The held-out text (`eval.heldout`, never trained on) is tokenized once with
 the run's tokenizer, and the same token ids are scored by every model of the
 run:
 
-  base       the configured base, original weights (float32 on CPU, bf16 on CUDA)
+  base       the configured base, original weights (float32 on CPU, layer by layer; bf16 on CUDA)
   trained    base + LoRA + soul from checkpoints/final, as trained (pipeline.hf.load_trained)
   fused      fused/, the plain HF model
   <outtype>  the converted GGUF, in llama.cpp (F32 KV cache)
@@ -39,8 +39,9 @@ import torch
 from .artifacts import atomic_write_text
 from .config import Config
 from .errors import BadInputError, PipelineError
-from .fidelity import gguf_logits, hf_logits
+from .fidelity import fused_logits, gguf_logits, hf_logits, trained_variant
 from .hf import load_causal_lm, load_tokenizer, load_trained, resolve_base
+from .layered import Variant, layered_logits
 
 BOUND_KEY = "eval.max_ppl_ratio"
 
@@ -111,15 +112,21 @@ def measure(cfg: Config) -> tuple[list[dict], list[list[int]]]:
             return str(p)
         return str(p.relative_to(cfg.run_dir)) + ("/" if p.is_dir() else "")
 
-    hf_models = [
-        ("base", str(base_dir),
-         lambda: load_causal_lm(base_dir, nf4=False, compute_dtype=dtype, device=device, dtype=dtype).eval()),
-        ("trained", in_run(cfg.final_checkpoint), lambda: load_trained(cfg.final_checkpoint, device=device)[0]),
-        ("fused", in_run(cfg.fused_dir),
-         lambda: AutoModelForCausalLM.from_pretrained(str(cfg.fused_dir), dtype=dtype).to(device).eval()),
-    ]
-    rows = [_row(name, source, "transformers", _hf_logits_of(load, chunks), chunks)
-            for name, source, load in hf_models]
+    sources = {"base": str(base_dir), "trained": in_run(cfg.final_checkpoint), "fused": in_run(cfg.fused_dir)}
+    if device.type == "cpu":
+        # Layer by layer from the files (pipeline/layered.py): memory for a layer, not for
+        # three float32 models; the same logits bit for bit.
+        logits = layered_logits(base_dir, chunks, {"base": Variant(), "trained": trained_variant(cfg.final_checkpoint)})
+        logits["fused"] = fused_logits(cfg.fused_dir, chunks)
+    else:
+        logits = {
+            "base": _hf_logits_of(lambda: load_causal_lm(base_dir, nf4=False, compute_dtype=dtype, device=device,
+                                                         dtype=dtype).eval(), chunks),
+            "trained": _hf_logits_of(lambda: load_trained(cfg.final_checkpoint, device=device)[0], chunks),
+            "fused": _hf_logits_of(lambda: AutoModelForCausalLM.from_pretrained(
+                str(cfg.fused_dir), dtype=dtype).to(device).eval(), chunks),
+        }
+    rows = [_row(name, sources[name], "transformers", logits.pop(name), chunks) for name in ("base", "trained", "fused")]
     for kind in [cfg.gguf.outtype, *cfg.gguf.quantizations]:
         path = cfg.gguf_path(kind)
         rows.append(_row(kind, in_run(path), "llama.cpp", gguf_logits(path, chunks), chunks))

@@ -4,10 +4,14 @@ At every step the output is compared with its input on fixed chat-formatted
 Japanese and English prompts, before the output is renamed into place:
 
   fuse      trained model (as trained: NF4 or not, + LoRA + soul) vs fused HF model
-  convert   fused HF model vs the converted GGUF in llama.cpp (F32 KV cache),
-            and the two tokenizers on the same texts; and (fidelity.compare_f32)
-            fused HF model vs a temporary f32 GGUF, to float rounding
+  convert   (fidelity.compare_f32) a slice of the fused HF model vs its temporary
+            f32 GGUF, to float rounding; then the fused HF model vs the converted
+            GGUF in llama.cpp (F32 KV cache), and the two tokenizers on the same texts
   quantize  converted GGUF vs each quantized GGUF
+
+HF models are evaluated layer by layer from their files (pipeline/layered.py),
+so the gate needs memory for a layer, not for a model; the fused model's
+logits are kept beside it (fused/fidelity_logits.npz) for convert.
 
 A comparison is the mean KL divergence of the next-token distributions over
 all positions, plus top-1 agreement and the largest logit difference. When
@@ -23,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,10 +35,14 @@ import numpy as np
 import torch
 
 from . import llamacpp
-from .artifacts import atomic_write_text
+from .adapter import LoraAdapter, merged_weight, nf4_round_trip, read_adapter, whole
+from .artifacts import atomic_file, atomic_write_text
+from .checkpoint import read_marker
 from .config import Config
 from .errors import PipelineError
-from .hf import load_trained
+from .hf import load_tokenizer, load_trained
+from .layered import Variant, layered_logits, stored_weight, write_layer_slice
+from .soul import SOUL_FILE, SO8Soul, SoulState, load_soul
 
 # Each under 2047 tokens: llama.cpp ignores Phi-3's sliding window beyond it.
 CONVERSATIONS = [
@@ -45,6 +54,10 @@ CONVERSATIONS = [
      {"role": "user", "content": "パン派の人には何がいいですか？"}],
     [{"role": "user", "content": "Explain in one sentence why the sky is blue."}],
 ]
+
+
+# Beside the fused model's weights: its logits on the gate's prompts, so convert never loads it.
+FUSED_LOGITS = "fidelity_logits.npz"
 
 
 class FidelityError(PipelineError):
@@ -188,24 +201,83 @@ class Reference:
 
     ids: list[list[int]]
     logits: list[np.ndarray]
-    device: torch.device
 
 
-def trained_reference(cfg: Config, checkpoint: Path) -> Reference:
-    """Load the trained model as trained (NF4 or not, + LoRA + soul) and run the prompts."""
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
-    trained, tokenizer = load_trained(checkpoint, device=device)
-    ids = prompt_ids(tokenizer)
-    return Reference(ids, hf_logits(trained, ids), device)
+def gate_on_gpu(cfg: Config) -> bool:
+    """Whether the trained reference runs whole on the GPU (as trained there) rather than layer by layer."""
+    return torch.cuda.is_available() and cfg.train.device != "cpu"
 
 
-def compare_fused(reference: Reference, fused_dir: Path) -> Comparison:
-    """The trained model's logits vs a fused folder's (float32 on CPU, as saved on GPU)."""
-    from transformers import AutoModelForCausalLM
+def trained_variant(checkpoint: Path) -> Variant:
+    """The trained model as the layer-by-layer evaluator computes it: the base weights as training
+    saw them (NF4 round trip when trained in NF4), LoRA unmerged, the soul before the head."""
+    marker = read_marker(checkpoint) or {}
+    base_weights = nf4_round_trip(marker["nf4"]) if marker.get("nf4") else stored_weight
+    soul = SO8Soul.from_state(load_soul(checkpoint / SOUL_FILE)).eval()
+    return Variant(weight=lambda name, w: base_weights(name, w).float(), lora=read_adapter(checkpoint), soul=soul)
 
-    dtype = torch.float32 if reference.device.type == "cpu" else "auto"
-    fused = AutoModelForCausalLM.from_pretrained(str(fused_dir), dtype=dtype).to(reference.device).eval()
-    return compare(reference.logits, hf_logits(fused, reference.ids))
+
+def merge_candidate(adapter: LoraAdapter, soul: SoulState, dtype: torch.dtype,
+                    base_weights: Callable[[str, torch.Tensor], torch.Tensor] | None) -> Variant:
+    """A fused model as fuse would write it (same merged_weight, same dtype), never written.
+
+    merged_weight may merge into a float32 weight in place; the stored tensor is shared by
+    every variant of the pass, so a float32 one is copied first."""
+
+    def weight(name: str, w: torch.Tensor) -> torch.Tensor:
+        own = w.clone() if w.dtype == torch.float32 else w
+        return whole(merged_weight(name, own, adapter, soul, dtype, base_weights)).float()
+
+    return Variant(weight=weight)
+
+
+def score_merge(cfg: Config, base_dir: Path, checkpoint: Path, candidates: dict[str, Variant],
+                ) -> tuple[Reference, dict[str, Comparison]]:
+    """The trained model's logits on the gate's prompts, and each merge candidate compared with them.
+
+    On CPU, one layer-by-layer pass over the base computes the trained model and every
+    candidate together (each layer read once, no model whole in memory); with a GPU the
+    trained model runs whole there, as it was trained, and the candidates layer by layer.
+    """
+    ids = prompt_ids(load_tokenizer(base_dir))
+    variants = dict(candidates)
+    if gate_on_gpu(cfg):
+        trained, _ = load_trained(checkpoint, device=torch.device("cuda"))
+        reference = Reference(ids, hf_logits(trained, ids))
+        del trained
+        torch.cuda.empty_cache()
+    else:
+        variants["trained"] = trained_variant(checkpoint)
+    logits = layered_logits(base_dir, ids, variants) if variants else {}
+    if "trained" in logits:
+        reference = Reference(ids, logits.pop("trained"))
+    return reference, {name: compare(reference.logits, logits[name]) for name in candidates}
+
+
+def fused_logits(fused_dir: Path, ids: list[list[int]]) -> list[np.ndarray]:
+    """A fused folder's logits, layer by layer from its files (what convert compares against)."""
+    return layered_logits(fused_dir, ids, {"fused": Variant()})["fused"]
+
+
+def save_logits(path: Path, ids: list[list[int]], logits: list[np.ndarray]) -> None:
+    """The gate's prompts and a model's logits on them, as plain arrays (no pickles)."""
+    arrays = {}
+    for i, (seq, lg) in enumerate(zip(ids, logits)):
+        arrays[f"ids_{i}"] = np.asarray(seq, dtype=np.int64)
+        arrays[f"logits_{i}"] = lg.astype(np.float32)  # float32 logits widened to float64: exact both ways
+    with atomic_file(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
+
+
+def load_logits(path: Path, ids: list[list[int]]) -> list[np.ndarray] | None:
+    """save_logits' logits when they are for exactly these prompts; else None."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if len(f.files) != 2 * len(ids) or any(f[f"ids_{i}"].tolist() != seq for i, seq in enumerate(ids)):
+                return None
+            return [f[f"logits_{i}"].astype(np.float64) for i in range(len(ids))]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def gate_fused(cfg: Config, result: Comparison, merge_base: str) -> None:
@@ -213,37 +285,60 @@ def gate_fused(cfg: Config, result: Comparison, merge_base: str) -> None:
          "fidelity.max_kl_fused")
 
 
-def check_converted(cfg: Config, fused_dir: Path, gguf: Path) -> None:
-    """convert: the fused HF model vs its GGUF (tokens and logits), and vs an f32 GGUF.
+def fused_reference(fused_dir: Path, ids: list[list[int]]) -> list[np.ndarray]:
+    """The fused model's logits: those fuse kept beside its weights, or computed layer by layer."""
+    kept = load_logits(fused_dir / FUSED_LOGITS, ids)
+    return kept if kept is not None else fused_logits(fused_dir, ids)
 
-    The f32 GGUF (fidelity.compare_f32) is converted into a temporary folder and
-    removed: it shows the converter and llama.cpp reproduce the model to float
-    rounding, so what the outtype comparison measures is the outtype's own rounding.
+
+def check_converter_exactness(cfg: Config, fused_dir: Path) -> None:
+    """convert:f32 (fidelity.compare_f32): the converter and llama.cpp reproduce the model to
+    float rounding, so what the outtype comparison then measures is the outtype's own rounding.
+
+    That property does not depend on depth, and an f32 GGUF of the whole model would be a
+    temporary twice the size of the f16 one (15 GB for Phi-3.5-mini). So the first
+    `fidelity.f32_slice_layers` decoder layers of the fused model, with its embeddings,
+    final norm and folded head, are written as a model of their own, converted to f32 and
+    compared with that slice's HF logits; the whole model when it has no more layers than
+    that. Runs before the outtype conversion and removes its files before returning, so
+    convert's peak extra disk stays at the converted GGUF's size.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    f = cfg.fidelity
+    gguf_dir = cfg.gguf_path(cfg.gguf.outtype).parent
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    ids = prompt_ids(load_tokenizer(fused_dir))
+    layers = int(json.loads((fused_dir / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"])
+    with tempfile.TemporaryDirectory(prefix=".tmp-f32-", dir=gguf_dir) as tmp:
+        if layers > f.f32_slice_layers:
+            source = write_layer_slice(fused_dir, Path(tmp) / "slice", f.f32_slice_layers)
+            reference = fused_logits(source, ids)
+            what = f"first {f.f32_slice_layers} of {layers} layers"
+        else:
+            source, reference, what = fused_dir, fused_reference(fused_dir, ids), "whole model"
+        f32 = llamacpp.convert_hf_to_gguf(source, Path(tmp) / f"{cfg.run.name}-f32.gguf", "f32",
+                                          model_name=cfg.gguf_model_name)
+        gate(cfg, "convert:f32", f"fused ({what})", f"{f32.name} (temporary)",
+             compare(reference, gguf_logits(f32, ids)), f.max_kl_converted_f32, "fidelity.max_kl_converted_f32")
 
-    tokenizer = AutoTokenizer.from_pretrained(str(fused_dir))
+
+def check_converted(cfg: Config, fused_dir: Path, gguf: Path) -> None:
+    """convert: the fused HF model vs its GGUF in llama.cpp, tokens and logits.
+
+    The fused model's logits are the ones fuse kept beside it (fused/fidelity_logits.npz),
+    so no HF model is loaded here; an older fused folder without them is evaluated layer by layer.
+    """
+    tokenizer = load_tokenizer(fused_dir)
     ids = prompt_ids(tokenizer)
-    fused = AutoModelForCausalLM.from_pretrained(str(fused_dir), dtype=torch.float32).eval()
-    reference = hf_logits(fused, ids)
-    del fused
+    reference = fused_reference(fused_dir, ids)
     mismatches = tokenization_mismatches(gguf, tokenizer)
     f = cfg.fidelity
-    if f.compare_f32 and cfg.gguf.outtype != "f32":
-        with tempfile.TemporaryDirectory(prefix=".tmp-f32-", dir=gguf.parent) as tmp:
-            f32 = llamacpp.convert_hf_to_gguf(fused_dir, Path(tmp) / f"{cfg.run.name}-f32.gguf", "f32",
-                                              model_name=cfg.gguf_model_name)
-            gate(cfg, "convert:f32", "fused", f"{f32.name} (temporary)", compare(reference, gguf_logits(f32, ids)),
-                 f.max_kl_converted_f32, "fidelity.max_kl_converted_f32")
     gate(cfg, "convert", "fused", cfg.gguf_path(cfg.gguf.outtype).name, compare(reference, gguf_logits(gguf, ids)),
          f.max_kl_converted, "fidelity.max_kl_converted", extra={"tokenization_mismatches": mismatches})
 
 
 def check_quantized(cfg: Config, converted: Path, quantized: Path, qtype: str) -> None:
     """quantize: the converted GGUF vs a quantized one."""
-    from transformers import AutoTokenizer
-
-    ids = prompt_ids(AutoTokenizer.from_pretrained(str(cfg.fused_dir)))
+    ids = prompt_ids(load_tokenizer(cfg.fused_dir))
     bound, key = bound_for(cfg, qtype)
     gate(cfg, f"quantize:{qtype}", converted.name, cfg.gguf_path(qtype).name,
          compare(gguf_logits(converted, ids), gguf_logits(quantized, ids)), bound, key)

@@ -12,107 +12,33 @@ Hugging Face folder (no remote code) with the tokenizer files, and
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from .adapter import EMBED, HEAD, LoraAdapter, merged_weight, nf4_round_trip, read_adapter
 from .artifacts import atomic_dir, atomic_write_text, sha256_file
 from .checkpoint import read_marker
 from .config import CHECKPOINT_MARKER, FUSION_MARKER, SOUL_BLOCK, Config
 from .errors import CheckpointMismatchError, FuseError
+from .fidelity import FUSED_LOGITS, compare, fused_logits, gate_fused, merge_candidate, save_logits, score_merge
 from .hf import DTYPES, read_model_config, resolve_base
 from .integrity import folder_records, verify_folder
-from .soul import SOUL_FILE, SoulState, fold_soul_rows, load_soul
+from .resources import require
+from .soul import SOUL_FILE, SoulState, load_soul
 from .tensors import SafetensorsReader, return_freed_memory_eagerly, weight_shards, write_safetensors
-
-HEAD = "lm_head.weight"
-EMBED = "model.embed_tokens.weight"
 # Files of a model folder that carry over unchanged (tokenizer, generation).
 CARRIED_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
-_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
-
-
-@dataclass
-class LoraAdapter:
-    """LoRA factors keyed by the base weight they modify."""
-
-    scale: float
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # weight name -> (A [r, in], B [out, r])
-
-    def merge_into(self, name: str, w: torch.Tensor) -> torch.Tensor:
-        """W + scale * B A in float32, without a separate delta tensor (W as float32 is
-        modified in place when it is already a float32 copy of its own)."""
-        a, b = self.factors[name]
-        if (b.shape[0], a.shape[1]) != tuple(w.shape):
-            raise CheckpointMismatchError(
-                f"LoRA for {name} has shape {(b.shape[0], a.shape[1])}, base has {tuple(w.shape)}")
-        return w.float().addmm_(b.float(), a.float(), alpha=self.scale)
-
-
-def read_adapter(ckpt: Path) -> LoraAdapter:
-    """Read a PEFT LoRA adapter folder. Raises FuseError for unsupported variants."""
-    cfg_path, weights = ckpt / "adapter_config.json", ckpt / "adapter_model.safetensors"
-    for p in (cfg_path, weights):
-        if not p.is_file():
-            raise FuseError(f"{p}: missing (is {ckpt} a training checkpoint?)")
-    acfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    if acfg.get("peft_type") != "LORA":
-        raise FuseError(f"{cfg_path}: peft_type {acfg.get('peft_type')!r} is not LORA")
-    for key in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out"):
-        if acfg.get(key):
-            raise FuseError(f"{cfg_path}: {key} is set; this fuse supports plain LoRA only")
-    if acfg.get("bias", "none") != "none":
-        raise FuseError(f"{cfg_path}: bias={acfg['bias']!r} is not supported (expected 'none')")
-    r, alpha = acfg["r"], acfg["lora_alpha"]
-    scale = alpha / (r ** 0.5) if acfg.get("use_rslora") else alpha / r
-
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():
-            m = _LORA_KEY.match(key)
-            if not m:
-                raise FuseError(f"{weights}: unexpected tensor {key!r}")
-            parts.setdefault(m["module"] + ".weight", {})[m["ab"]] = f.get_tensor(key)
-    factors = {}
-    for name, ab in parts.items():
-        if set(ab) != {"A", "B"}:
-            raise FuseError(f"{weights}: {name} has lora_{''.join(ab)} but not both A and B")
-        factors[name] = (ab["A"], ab["B"])
-    return LoraAdapter(scale=scale, factors=factors)
-
-
-def nf4_round_trip(settings: dict) -> Callable[[str, torch.Tensor], torch.Tensor]:
-    """The base weights as the NF4 model held them during training.
-
-    transformers quantizes every linear layer of the decoder (not the head, not
-    embeddings) with bitsandbytes; quantizing and dequantizing the same input
-    the same way gives back exactly what the adapter was trained against.
-    """
-    import bitsandbytes.functional as bnbf
-
-    load_dtype = DTYPES[settings["load_dtype"]]
-
-    def weights_as_trained(name: str, w: torch.Tensor) -> torch.Tensor:
-        if not (name.startswith("model.layers.") and name.endswith(".weight") and w.ndim == 2):
-            return w
-        q, state = bnbf.quantize_4bit(w.to(load_dtype), blocksize=settings["blocksize"],
-                                      compress_statistics=settings["double_quant"], quant_type="nf4")
-        return bnbf.dequantize_4bit(q, state).float()
-
-    return weights_as_trained
 
 
 def fuse_tensors(base_dir: Path, out_dir: Path, adapter: LoraAdapter, soul: SoulState, dtype: torch.dtype,
                  base_weights: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
-    """Stream the base's shards to out_dir with LoRA merged and the soul folded.
+    """Stream the base's shards to out_dir with LoRA merged and the soul folded (merged_weight).
 
     base_weights(name, W): the base weight to merge into (default: W as stored).
     """
@@ -138,22 +64,11 @@ def fuse_tensors(base_dir: Path, out_dir: Path, adapter: LoraAdapter, soul: Soul
                 src_dtype, shape = f.spec(source(n))
                 specs.append((n, dtype if src_dtype.is_floating_point else src_dtype, shape))
 
-            def produce(name: str, f=f) -> torch.Tensor:
+            def produce(name: str, f=f):
                 nonlocal head_written
-                w = f.get(source(name))
-                if not w.is_floating_point():
-                    return w
-                # Only a changed weight goes through float32; an untouched one is
-                # rounded once to the output dtype, with no float32 copy.
-                if base_weights is not None:
-                    w = base_weights(name, w).float()
-                if name in adapter.factors:
-                    w = adapter.merge_into(name, w)
-                    unused.discard(name)
-                if name == HEAD:  # the fold works in float32, a few rows at a time, straight to the file
-                    head_written = True
-                    return fold_soul_rows(w, soul.rotation, soul.alpha, out_dtype=dtype)
-                return w.to(dtype)
+                head_written |= name == HEAD
+                unused.discard(name)
+                return merged_weight(name, f.get(source(name)), adapter, soul, dtype, base_weights)
 
             write_safetensors(out_dir / shard.name, specs, produce, metadata={"format": "pt"})
             weight_map.update({n: shard.name for n in names})
@@ -203,6 +118,7 @@ def fuse(cfg: Config, checkpoint: Path | None = None, out_dir: Path | None = Non
         raise FuseError(f"{ckpt}: not a complete checkpoint (no {CHECKPOINT_MARKER}); run `make train` first")
     base_dir = resolve_base(cfg)
     verify_folder(ckpt, CHECKPOINT_MARKER, remove_damaged=checkpoint is None)
+    require(cfg, "fuse")
     adapter = read_adapter(ckpt)
     soul = load_soul(ckpt / SOUL_FILE)
     dtype = DTYPES[cfg.fuse.dtype]
@@ -213,29 +129,17 @@ def fuse(cfg: Config, checkpoint: Path | None = None, out_dir: Path | None = Non
     check_soul_fits(soul, hf)
     nf4 = state.get("nf4")
     candidates = merge_candidates(cfg.fuse.merge_base, nf4)
-    reference = None
-    if cfg.fidelity.enabled or len(candidates) > 1:
-        from .fidelity import compare_fused, gate_fused, trained_reference
-
-        reference = trained_reference(cfg, ckpt)
+    chosen, reference, scores = choose_merge_base(cfg, base_dir, ckpt, adapter, soul, dtype, candidates, nf4)
 
     with atomic_dir(out_dir) as tmp:
-        scores = {}
-        for name in candidates:
-            where = tmp if len(candidates) == 1 else tmp / f".candidate-{name}"
-            write_model_folder(base_dir, where, hf, cfg.fuse.dtype)
-            fuse_tensors(base_dir, where, adapter, soul, dtype,
-                         base_weights=nf4_round_trip(nf4) if name == "dequantized" else None)
-            if reference is not None:
-                scores[name] = compare_fused(reference, where)
-        chosen = min(scores, key=lambda n: scores[n].kl) if len(candidates) > 1 else candidates[0]
-        if len(candidates) > 1:
-            for f in (tmp / f".candidate-{chosen}").iterdir():
-                f.rename(tmp / f.name)
-            for name in candidates:
-                shutil.rmtree(tmp / f".candidate-{name}", ignore_errors=True)
-            print(f"[fuse] merge base {chosen}: KL to the trained model "
-                  + ", ".join(f"{n} {scores[n].kl:.3g}" for n in candidates))
+        write_model_folder(base_dir, tmp, hf, cfg.fuse.dtype)
+        fuse_tensors(base_dir, tmp, adapter, soul, dtype,
+                     base_weights=nf4_round_trip(nf4) if chosen == "dequantized" else None)
+        result = None
+        if cfg.fidelity.enabled:  # the gate reads back what was written, and keeps its logits for convert
+            logits = fused_logits(tmp, reference.ids)
+            save_logits(tmp / FUSED_LOGITS, reference.ids, logits)
+            result = compare(reference.logits, logits)
         files = folder_records(tmp)
         provenance = {
             "base": cfg.model.base,
@@ -247,7 +151,7 @@ def fuse(cfg: Config, checkpoint: Path | None = None, out_dir: Path | None = Non
             "dtype": cfg.fuse.dtype,
             "merge_base": chosen,
             "merge_base_setting": cfg.fuse.merge_base,
-            "merge_base_kl": {n: c.kl for n, c in scores.items()},
+            "merge_base_kl": {n: c.kl for n, c in scores.items()} or ({chosen: result.kl} if result else {}),
             "merge_base_reason": merge_reason(cfg.fuse.merge_base, nf4, chosen),
             "tied_input": bool(hf.get("tie_word_embeddings", False)),
             "inputs": {p.name: sha256_file(p) for p in (ckpt / "adapter_model.safetensors", ckpt / SOUL_FILE)},
@@ -256,9 +160,31 @@ def fuse(cfg: Config, checkpoint: Path | None = None, out_dir: Path | None = Non
             "files": files,
         }
         atomic_write_text(tmp / FUSION_MARKER, json.dumps(provenance, indent=1) + "\n")
-        if cfg.fidelity.enabled:
-            gate_fused(cfg, scores[chosen], chosen)
+        if result is not None:
+            gate_fused(cfg, result, chosen)
     return out_dir
+
+
+def choose_merge_base(cfg: Config, base_dir: Path, ckpt: Path, adapter: LoraAdapter, soul: SoulState,
+                      dtype: torch.dtype, candidates: list[str], nf4: dict | None):
+    """(chosen merge base, the trained model's reference logits or None, KL of each candidate).
+
+    With several candidates (merge_base auto after NF4 training) each is evaluated as fuse
+    would write it, layer by layer and never written, in the same pass as the trained
+    model; the closer one is kept.
+    """
+    if not (cfg.fidelity.enabled or len(candidates) > 1):
+        return candidates[0], None, {}
+    variants = {}
+    if len(candidates) > 1:
+        variants = {name: merge_candidate(adapter, soul, dtype, nf4_round_trip(nf4) if name == "dequantized" else None)
+                    for name in candidates}
+    reference, scores = score_merge(cfg, base_dir, ckpt, variants)
+    chosen = min(scores, key=lambda n: scores[n].kl) if len(candidates) > 1 else candidates[0]
+    if len(candidates) > 1:
+        print(f"[fuse] merge base {chosen}: KL to the trained model "
+              + ", ".join(f"{n} {scores[n].kl:.3g}" for n in candidates))
+    return chosen, reference, scores
 
 
 def merge_candidates(setting: str, nf4: dict | None) -> list[str]:

@@ -13,8 +13,9 @@ from pathlib import Path
 from . import llamacpp
 from .config import FUSION_MARKER, Config
 from .errors import BadInputError, ToolchainError
-from .fidelity import check_converted, check_quantized, gguf_model
+from .fidelity import check_converted, check_converter_exactness, check_quantized, gguf_model
 from .integrity import verify_file, verify_folder
+from .resources import require
 
 
 def convert(cfg: Config) -> Path:
@@ -23,10 +24,14 @@ def convert(cfg: Config) -> Path:
     if not cfg.fused_marker.is_file():
         raise ToolchainError(f"{fused}: no complete fused model ({cfg.fused_marker.name} missing); run `make fuse`")
     verify_folder(fused, FUSION_MARKER)
+    require(cfg, "convert")
     out = cfg.gguf_path(cfg.gguf.outtype)
     print(f"[convert] {fused} -> {out}")
     check = None
     if cfg.fidelity.enabled:
+        if cfg.fidelity.compare_f32 and cfg.gguf.outtype != "f32":
+            check_converter_exactness(cfg, fused)  # first: its temporary files are gone before the GGUF is written
+
         def check(tmp: Path) -> None:
             check_converted(cfg, fused, tmp)
     return llamacpp.convert_hf_to_gguf(fused, out, cfg.gguf.outtype, model_name=cfg.gguf_model_name, check=check)
@@ -39,6 +44,7 @@ def quantize(cfg: Config, qtype: str) -> Path:
         raise BadInputError(f"{cfg.source}: gguf.quantizations does not list {qtype!r} ({cfg.gguf.quantizations})")
     src, out = cfg.gguf_path(cfg.gguf.outtype), cfg.gguf_path(matches[0])
     verify_file(src)
+    require(cfg, "quantize")
     print(f"[quantize] {src.name} -> {out.name} ({matches[0]})")
     check = None
     if cfg.fidelity.enabled:
@@ -60,6 +66,7 @@ def imatrix(cfg: Config) -> Path:
         raise BadInputError(f"{cfg.source}: gguf.imatrix.calibration is not set; there is no importance matrix to build")
     src = cfg.gguf_path(cfg.gguf.outtype)
     verify_file(src)
+    require(cfg, "imatrix")
     try:
         text = calibration.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -33,6 +33,7 @@ from .config import CHECKPOINT_MARKER, Config
 from .data import IGNORE, collate, example_order, load_examples
 from .hf import DTYPES, load_causal_lm, load_tokenizer, pick_device, resolve_base
 from .integrity import folder_problem, folder_records
+from .resources import require
 from .soul import (
     SOUL_FILE, SO8Soul, SoulHead, alpha_at, load_soul, orthogonality_error, phase_at, save_soul, sigmoid,
 )
@@ -452,6 +453,7 @@ def train(cfg: Config) -> Path:
     if marker and marker.get("train_config_sha256") == cfg.section_digest("train"):
         print(f"[train] {final} is already trained with this config; nothing to do")
         return final
+    require(cfg, "train")
     trainer = Trainer(cfg)
     trainer.setup()
     return trainer.train()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import rerecord, small_config, write_config
+from pipeline import adapter as adapter_module
 from pipeline import fuse as fuse_module
 from pipeline.config import load_config
 from pipeline.fidelity import FidelityError, check_converted, compare
@@ -37,7 +38,7 @@ def test_gate_passes_a_correct_fold(rotated_run):
 
 @pytest.mark.parametrize("wrong", ["transposed", "no_sigmoid"])
 def test_gate_fails_a_wrong_fold_and_keeps_nothing(rotated_run, monkeypatch, wrong):
-    right = fuse_module.fold_soul_rows
+    right = adapter_module.fold_soul_rows
 
     def wrong_fold(weight, rotation, alpha, out_dtype=None):
         if wrong == "transposed":
@@ -46,7 +47,7 @@ def test_gate_fails_a_wrong_fold_and_keeps_nothing(rotated_run, monkeypatch, wro
         return iter([(w + alpha * (w @ torch.block_diag(*rotation))).to(out_dtype or weight.dtype)])
 
     fuse_module.fuse(rotated_run)  # a good fused model exists before the bad attempt
-    monkeypatch.setattr(fuse_module, "fold_soul_rows", wrong_fold)
+    monkeypatch.setattr(adapter_module, "fold_soul_rows", wrong_fold)
     with pytest.raises(FidelityError, match=r"fidelity gate failed at fuse: KL\(trained \|\| fused \(merge base original\)\)"):
         fuse_module.fuse(rotated_run)
     assert not rotated_run.fused_dir.exists()

@@ -1,0 +1,196 @@
+"""What a stage needs in memory and disk, said before it starts.
+
+A 3.8B model on a 16 GB machine used to swap or be killed half way, after
+minutes of work. Each heavy stage now first estimates its peak anonymous
+memory and its extra disk from the model's shape (config.json: layers,
+hidden, intermediate and vocabulary sizes) and the config, with the same
+figures bench/fullsize.py prints beside what it measures, and stops with
+a ResourceError naming the stage, the need, what the machine has and the
+config keys that lower it when the machine clearly lacks them. Nothing is
+written before that check.
+
+Available memory is MemAvailable (/proc/meminfo), lowered by a cgroup v2
+limit when one is set (containers); AGIASI_MEMORY_LIMIT / AGIASI_DISK_LIMIT
+(bytes) cap them further, for a machine shared with other work. Disk is the
+free space of the run folder's file system.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+from .errors import PipelineError
+
+GB = 1e9
+# The interpreter with torch, transformers, PEFT and bitsandbytes imported: measured
+# RssAnon of a stage process before its first tensor (bench/fullsize.py --smoke).
+RUNTIME = 0.9 * GB
+# Bytes per parameter of each stored or computed form.
+BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "f32": 4, "f16": 2, "bf16": 2, "q8_0": 1.0625}
+NF4_BYTES = 0.5 + 4 / 64  # 4-bit codes + one float32 absmax per 64 (double quant stores less)
+QUANT_BPW = 6.0  # bits per weight, an upper bound for the k-quants up to Q5 (Q6_K 6.56, Q8_0 8.5)
+
+LOWER_MEMORY = {
+    "train": "train.quantization (nf4), data.max_length, train.batch_size, train.gradient_checkpointing",
+    "fuse": "fuse.merge_base (original or dequantized: one candidate, not two), fidelity.enabled",
+    "convert": "fidelity.compare_f32, fidelity.f32_slice_layers, fidelity.enabled",
+    "imatrix": "gguf.imatrix.ctx",
+    "quantize": "gguf.quantizations",
+}
+LOWER_DISK = {
+    "train": "train.save_every (fewer step checkpoints)",
+    "fuse": "fuse.dtype (bfloat16 or float16, not float32)",
+    "convert": "gguf.outtype (f16 or q8_0, not f32), fidelity.compare_f32",
+    "imatrix": "gguf.imatrix.calibration (null: no importance matrix)",
+    "quantize": "gguf.quantizations",
+}
+
+
+class ResourceError(PipelineError):
+    """The machine clearly lacks the memory or disk a stage needs."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def of(cls, config: dict) -> Shape:
+        return cls(int(config["num_hidden_layers"]), int(config["hidden_size"]), int(config["intermediate_size"]),
+                   int(config["vocab_size"]), bool(config.get("tie_word_embeddings", False)))
+
+    @property
+    def layer_params(self) -> int:
+        return 4 * self.hidden**2 + 3 * self.hidden * self.intermediate  # qkv + o, gate_up + down
+
+    @property
+    def table_params(self) -> int:
+        return self.vocab * self.hidden  # the embeddings, and the head
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + self.table_params * (1 if self.tied else 2)
+
+
+@dataclass(frozen=True)
+class Need:
+    memory: float  # peak anonymous memory, bytes
+    disk: float  # peak extra disk, bytes
+
+
+def model_shape(cfg: Config, stage: str) -> Shape | None:
+    """The shape of the model the stage works on (None when its config.json is not at hand yet)."""
+    if stage in ("convert", "imatrix", "quantize") and (cfg.fused_dir / "config.json").is_file():
+        folder = cfg.fused_dir
+    elif cfg.base_is_local():
+        folder = cfg.resolve(cfg.model.base)
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(cfg.model.base, "config.json", revision=cfg.model.revision)
+        if not isinstance(cached, str):
+            return None
+        folder = Path(cached).parent
+    try:
+        return Shape.of(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def stage_needs(cfg: Config, stage: str, shape: Shape | None = None) -> Need:
+    """Estimated peak anonymous memory and extra disk of `stage` (train, fuse, convert, imatrix, quantize)."""
+    shape = shape or model_shape(cfg, stage)
+    if shape is None:
+        return Need(0, 0)
+    layer, table = shape.layer_params, shape.table_params
+    if stage == "train":
+        nf4 = cfg.train.quantization != "none"
+        weights = shape.layers * layer * (NF4_BYTES if nf4 else 4) + table * 4 * (1 if shape.tied else 2)
+        lora = shape.layers * cfg.train.lora.r * (4 * shape.hidden + 3 * shape.hidden + 2 * shape.intermediate
+                                                   + 3 * shape.hidden + shape.hidden) * 4
+        tokens = cfg.data.max_length * cfg.train.batch_size
+        depth = 1 if cfg.train.gradient_checkpointing else shape.layers
+        activations = tokens * (shape.vocab * 16 + depth * (12 * shape.hidden + 4 * shape.intermediate) * 4)
+        checkpoints = lora * 3 * (cfg.train.steps // cfg.train.save_every + 1)
+        return Need(RUNTIME + weights + lora * 4 + activations, checkpoints)
+    if stage == "fuse":
+        out = shape.params * BYTES[cfg.fuse.dtype]
+        if not cfg.fidelity.enabled and cfg.fuse.merge_base != "auto":
+            return Need(RUNTIME + table * 6, out)
+        # layer by layer: a stored layer (bf16), one variant in float32 and the NF4 round
+        # trip's temporaries; or the head stored, in float32 and being folded
+        return Need(RUNTIME + max(layer * 10, table * 10), out)
+    if stage == "convert":
+        out = shape.params * BYTES[cfg.gguf.outtype]
+        layers = min(shape.layers, cfg.fidelity.f32_slice_layers)
+        sliced = (layers * layer + table * (1 if shape.tied else 2)) * (2 + 4)  # slice folder + its f32 GGUF
+        # the converter holds a tensor in float32 and its conversion; llama.cpp's buffers are small
+        return Need(RUNTIME + max(layer, table) * 6,
+                    max(out, sliced if cfg.fidelity.compare_f32 else 0))
+    if stage == "imatrix":
+        ctx = cfg.gguf.imatrix.ctx
+        return Need(RUNTIME + ctx * shape.layers * shape.hidden * 2 * 2 + ctx * shape.vocab * 4 * 2, 64 * 2**20)
+    if stage == "quantize":
+        return Need(RUNTIME + max(layer, table) * 4 * 3, shape.params * QUANT_BPW / 8)
+    raise ValueError(f"no estimate for stage {stage!r}")
+
+
+def available_memory() -> float:
+    """What the machine can give a new process: MemAvailable, a cgroup limit, AGIASI_MEMORY_LIMIT."""
+    have = float("inf")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                have = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            have = min(have, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return min(have, _env_limit("AGIASI_MEMORY_LIMIT"))
+
+
+def available_disk(folder: Path) -> float:
+    existing = Path(folder)
+    while not existing.exists():
+        existing = existing.parent
+    return min(shutil.disk_usage(existing).free, _env_limit("AGIASI_DISK_LIMIT"))
+
+
+def _env_limit(name: str) -> float:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return float("inf")
+    try:
+        return float(value)
+    except ValueError:
+        raise ResourceError(f"{name}={value!r}: expected a number of bytes") from None
+
+
+def require(cfg: Config, stage: str) -> Need:
+    """Raise ResourceError when the machine clearly lacks what `stage` needs; return the need."""
+    need = stage_needs(cfg, stage)
+    memory, disk = available_memory(), available_disk(cfg.run_dir)
+    problems = []
+    if need.memory > memory:
+        problems.append(f"about {need.memory / GB:.1f} GB of memory, but {memory / GB:.1f} GB is available "
+                        f"(lower it with {LOWER_MEMORY[stage]})")
+    if need.disk > disk:
+        problems.append(f"about {need.disk / GB:.1f} GB of disk in {cfg.run_dir}, but {disk / GB:.1f} GB is free "
+                        f"(lower it with {LOWER_DISK[stage]})")
+    if problems:
+        raise ResourceError(f"{stage}: this machine lacks what the stage needs: " + "; ".join(problems)
+                            + ". Nothing was written.")
+    return need
