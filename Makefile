@@ -99,6 +99,14 @@ demo: $(VENV_READY) $(LLAMA_READY) $(TINY)/config.json ## Whole chain on the tin
 test: $(VENV_READY) $(LLAMA_READY) ## Run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The real run's cost at full size: a random Phi-3.5-mini-shaped base (3.8B) through
+# train, fuse, convert, quantize, each stage's wall time, peak memory and disk
+# (about 40 minutes on 2 cores, 30 GB of disk under build/). LAYERS=4 for a quick one.
+LAYERS ?=
+.PHONY: bench-fullsize
+bench-fullsize: $(VENV_READY) $(LLAMA_READY) ## Full-size rehearsal: every stage's time, memory, disk
+	$(PY) bench/fullsize.py $(if $(LAYERS),--layers $(LAYERS))
+
 .PHONY: clean
 clean: ## Remove build outputs of this clone (keeps the venv and the llama.cpp cache)
 	rm -rf build
