@@ -22,6 +22,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import try_to_load_from_cache
+
 from .config import Config
 from .errors import PipelineError
 
@@ -93,8 +95,6 @@ def model_shape(cfg: Config, stage: str) -> Shape | None:
     elif cfg.base_is_local():
         folder = cfg.resolve(cfg.model.base)
     else:
-        from huggingface_hub import try_to_load_from_cache
-
         cached = try_to_load_from_cache(cfg.model.base, "config.json", revision=cfg.model.revision)
         if not isinstance(cached, str):
             return None
