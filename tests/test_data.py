@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import DEMO_DATA, small_config, write_config
+from conftest import DEMO_DATA, REPO, small_config, write_config
 from pipeline.config import DataSource, load_config
 from pipeline.data.dedup import Deduplicator
 from pipeline.data.formats import to_record
@@ -227,17 +230,51 @@ def test_max_examples(tmp_path):
     assert len(read_source(DataSource(path=str(path), max_examples=3), Path)[1]) == 3
 
 
-def hub_repo(folder: Path) -> Path:
-    """A dataset repository laid out as on the hub: README with configs, data/ with a Parquet shard."""
+def hub_files() -> dict[str, bytes]:
+    """A dataset repository's files as the hub holds them: a README whose configs name Parquet shards
+    (config default with splits train and test, config short with train only)."""
+    import io
+
     import pandas as pd
 
-    (folder / "data").mkdir(parents=True)
-    (folder / "README.md").write_text(
-        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*.parquet\n"
-        "---\n# a tiny dataset\n", encoding="utf-8")
-    pd.DataFrame({"conversations": [[{"from": "human", "value": f"質問{i}"}, {"from": "gpt", "value": f"答え{i}"}]
-                                    for i in range(3)]}).to_parquet(folder / "data" / "train-00000-of-00001.parquet")
+    def parquet(rows: list[tuple[str, str]]) -> bytes:
+        buf = io.BytesIO()
+        pd.DataFrame({"conversations": [[{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+                                        for q, a in rows]}).to_parquet(buf)
+        return buf.getvalue()
+
+    readme = ("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*.parquet\n"
+              "  - split: test\n    path: data/test-*.parquet\n- config_name: short\n  data_files:\n"
+              "  - split: train\n    path: short/train-*.parquet\n---\n# a tiny dataset\n")
+    return {"README.md": readme.encode(),
+            "data/train-00000-of-00001.parquet": parquet([(f"質問{i}", f"答え{i}") for i in range(3)]),
+            "data/test-00000-of-00001.parquet": parquet([("試験", "合格")]),
+            "short/train-00000-of-00001.parquet": parquet([("短い", "はい")])}
+
+
+def hub_repo(folder: Path) -> Path:
+    """The repository checked out in a folder (a local path given as `hub:`)."""
+    for name, data in hub_files().items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
     return folder
+
+
+def hub_cache(cache: Path, repo_id: str, revision: str, branch: str = "main") -> None:
+    """The repository at `revision` in a hub cache, laid out as huggingface_hub writes it:
+    datasets--owner--name/{blobs/<sha256>, snapshots/<revision>/<path> -> blob, refs/<branch>}."""
+    import hashlib
+
+    entry = cache / ("datasets--" + repo_id.replace("/", "--"))
+    (entry / "blobs").mkdir(parents=True)
+    for name, data in hub_files().items():
+        blob = entry / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = entry / "snapshots" / revision / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path(*[".."] * (len(Path(name).parts) + 1), "blobs", blob.name))
+    (entry / "refs").mkdir()
+    (entry / "refs" / branch).write_text(revision, encoding="utf-8")
 
 
 def test_hub_dataset_from_a_local_repository_folder(tmp_path):
@@ -245,25 +282,37 @@ def test_hub_dataset_from_a_local_repository_folder(tmp_path):
     s = DataSource(hub=str(repo), format="sharegpt", split="train")
     name, rows = read_source(s, Path)
     assert [to_record(r.record, s, r.where)["messages"][1]["content"] for r in rows] == ["答え0", "答え1", "答え2"]
-    with pytest.raises(DataError, match=r"repo\[test\]: cannot be read"):
-        read_source(DataSource(hub=str(repo), split="test"), Path)
+    with pytest.raises(DataError, match=r"repo\[validation\]: cannot be read"):
+        read_source(DataSource(hub=str(repo), split="validation"), Path)
 
 
-def test_hub_dataset_id_from_the_hub_cache_offline(tmp_path, monkeypatch):
-    """An owner/name id at a pinned revision, read from the hub cache layout with HF_HUB_OFFLINE."""
-    import huggingface_hub.constants as hub_constants
-
+def test_hub_dataset_ids_from_the_hub_cache_offline(tmp_path, tiny_phi3_dir):
+    """`make data` on owner/name ids, through snapshot_download and datasets, with HF_HUB_OFFLINE=1 and a
+    hub cache laid out as the hub client writes it: a branch resolved through refs/, a pinned commit,
+    a split and a subset; a revision the cache lacks is a clear error naming the dataset, and no traceback."""
     revision = "0123456789abcdef0123456789abcdef01234567"
-    entry = tmp_path / "hub" / "datasets--acme--chat-ja"
-    hub_repo(entry / "snapshots" / revision)
-    (entry / "refs").mkdir()
-    (entry / "refs" / "main").write_text(revision, encoding="utf-8")
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    s = DataSource(hub="acme/chat-ja", revision=revision, format="sharegpt")
-    assert len(read_source(s, Path)[1]) == 3
-    with pytest.raises(DataError, match=r"acme/other@main: cannot fetch the dataset from the hub"):
-        read_source(DataSource(hub="acme/other"), Path)
+    hub_cache(tmp_path / "hub", "acme/chat-ja", revision)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "HF_DATASETS_CACHE": str(tmp_path / "datasets-cache"), "HF_TOKEN": "hf_unused_offline"}
+    sources = [{"hub": "acme/chat-ja", "revision": "main", "format": "sharegpt"},
+               {"hub": "acme/chat-ja", "revision": revision, "split": "test", "format": "sharegpt"},
+               {"hub": "acme/chat-ja", "revision": revision, "subset": "short", "format": "sharegpt"}]
+
+    def data_stage(name: str, train: list[dict]) -> tuple[subprocess.CompletedProcess, Path]:
+        config = write_config(tmp_path / f"{name}.yaml", small_config(
+            tiny_phi3_dir, tmp_path / name, data={"train": train, "validation_fraction": 0}))
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "data", "--config", str(config)], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=300)
+        return proc, load_config(config).data_report
+
+    proc, report = data_stage("ok", sources)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(report.read_text(encoding="utf-8"))["read"] == {
+        "acme/chat-ja[train]": 3, "acme/chat-ja[test]": 1, "acme/chat-ja:short[train]": 1}
+    proc, report = data_stage("missing", [{"hub": "acme/chat-ja", "revision": "v2", "format": "sharegpt"}])
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "acme/chat-ja@v2: cannot fetch the dataset from the hub" in proc.stderr
+    assert not report.exists()
 
 
 # -- the data policy ---------------------------------------------------------------

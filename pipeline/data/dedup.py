@@ -13,6 +13,8 @@ import json
 import re
 import unicodedata
 
+from datasketch import MinHash, MinHashLSH
+
 SHINGLE = 5
 NUM_PERM = 128
 
@@ -34,8 +36,6 @@ class Deduplicator:
     """Feed records in order; `seen` says whether each duplicates an earlier one ("exact", "near" or None)."""
 
     def __init__(self, *, exact: bool, near: bool, threshold: float):
-        from datasketch import MinHashLSH
-
         self.exact, self.near = exact, near
         self.keys: set[str] = set()
         self.lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM) if near else None
@@ -55,9 +55,7 @@ class Deduplicator:
         return None
 
     @staticmethod
-    def _minhash(text: str):
-        from datasketch import MinHash
-
+    def _minhash(text: str) -> MinHash:
         m = MinHash(num_perm=NUM_PERM, seed=1)
         grams = {text[i:i + SHINGLE] for i in range(max(1, len(text) - SHINGLE + 1))}
         m.update_batch([g.encode("utf-8") for g in sorted(grams)])

@@ -56,7 +56,7 @@ def read_all(cfg: Config, tally: Tally) -> list[dict]:
     records = []
     for src in cfg.data.sources:
         name, rows = read_source(src, cfg.resolve)
-        tally.read[name] = len(rows)
+        tally.read[name] += len(rows)
         for row in rows:
             records.append({**to_record(row.record, src, row.where), "source": row.where})
     return records

@@ -14,9 +14,11 @@ BOM and CRLF line ends are accepted. Parquet, CSV and hub datasets are read by
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+import datasets
+from huggingface_hub import snapshot_download
 
 from ..errors import DataError
 
@@ -72,12 +74,10 @@ def _read_json(path: Path) -> list[tuple[int, object]]:
 
 def _with_datasets(what: str, load) -> list[tuple[int, object]]:
     """Rows of a `datasets` load, with its errors turned into a DataError naming `what`."""
-    import datasets
-
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     try:
-        ds = load(datasets)
+        ds = load()
     except Exception as e:  # noqa: BLE001 (datasets raises many kinds; each is the user's input)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{what}: cannot be read: {msg}") from None
@@ -88,12 +88,12 @@ def read_source(src, resolve) -> tuple[str, list[Row]]:
     """Rows of one source (a config DataSource), at most src.max_examples.
 
     `resolve` turns a configured path into a Path. Returns the source's name
-    (the file as configured, or `owner/name[split]`) and its rows.
+    (the file as configured, or `owner/name[split]`, `owner/name:subset[split]`) and its rows.
     """
     if src.hub is not None:
-        name = f"{src.hub}[{src.split}]"
+        name = f"{src.hub}{':' + src.subset if src.subset else ''}[{src.split}]"
         folder = resolve(src.hub) if _is_local_folder(src.hub, resolve) else _hub_snapshot(src)
-        rows = _with_datasets(name, lambda datasets: datasets.load_dataset(
+        rows = _with_datasets(name, lambda: datasets.load_dataset(
             str(folder), name=src.subset, split=src.split))
         out = [Row(f"{name} row {n}", rec) for n, rec in rows]
     else:
@@ -105,10 +105,10 @@ def read_source(src, resolve) -> tuple[str, list[Row]]:
         elif suffix == ".json":
             rows = _read_json(path)
         elif suffix == ".parquet":
-            rows = _with_datasets(name, lambda datasets: datasets.load_dataset(
+            rows = _with_datasets(name, lambda: datasets.load_dataset(
                 "parquet", data_files=str(path), split="train"))
         elif suffix == ".csv":
-            rows = _with_datasets(name, lambda datasets: datasets.load_dataset(
+            rows = _with_datasets(name, lambda: datasets.load_dataset(
                 "csv", data_files=str(path), split="train", encoding="utf-8-sig", keep_default_na=False))
         else:
             raise DataError(f"{path}: unknown file type {suffix or '(none)'} (expected one of {', '.join(SUFFIXES)})")
@@ -124,11 +124,9 @@ def read_source(src, resolve) -> tuple[str, list[Row]]:
 def _hub_snapshot(src) -> Path:
     """The dataset repository at src.revision, in the hub cache (downloaded once; HF_TOKEN and
     HF_HUB_OFFLINE apply). `datasets` then reads it as a local folder, which it does offline too."""
-    from huggingface_hub import snapshot_download
-
     try:
-        return Path(snapshot_download(src.hub, repo_type="dataset", revision=src.revision,
-                                      token=os.environ.get("HF_TOKEN") or None))
+        # token=None: huggingface_hub reads HF_TOKEN (or a stored login) itself
+        return Path(snapshot_download(src.hub, repo_type="dataset", revision=src.revision, token=None))
     except Exception as e:  # noqa: BLE001 (network, auth, missing revision: each is the user's to fix)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{src.hub}@{src.revision}: cannot fetch the dataset from the hub: {msg} "
