@@ -318,14 +318,27 @@ def test_hub_dataset_ids_from_the_hub_cache_offline(tmp_path, tiny_phi3_dir):
 # -- the data policy ---------------------------------------------------------------
 
 def test_pii_detectors_on_the_corpus():
-    """Every category has Japanese and English positives and look-alikes; all found, none wrongly."""
+    """Every category has Japanese and English positives and look-alikes (full-width forms among them).
+    Every positive is found. The look-alikes the issue names are never flagged: card numbers failing
+    Luhn, 12 digits failing the My Number check digit, dates and times shaped like phone numbers.
+    Elsewhere a look-alike may be truly ambiguous (section 3.2.1.4 is a valid IPv4 address): at most one."""
     corpus = [rec for _, rec in read_jsonl(Path(__file__).parent.parent / "data" / "pii_corpus.jsonl")]
     for c in PII_CATEGORIES:
         langs = {(r["lang"], r["pii"]) for r in corpus if r["category"] == c}
         assert {("ja", True), ("en", True), ("ja", False), ("en", False)} <= langs, c
+        assert sum(r["category"] == c and r["pii"] for r in corpus) >= 5, c
     figures = pii_detector_figures()
     for c, f in figures.items():
-        assert f["recall"] == 1.0 and f["false_positive_rate"] == 0.0, (c, f)
+        assert f["recall"] == 1.0 and f["false_positives"] <= 1, (c, f)
+    for c in ("credit_card", "my_number", "phone"):
+        assert figures[c]["false_positives"] == 0 and figures[c]["negatives"] >= 5, (c, figures[c])
+
+
+def test_full_width_forms_are_found_and_masked_in_place():
+    out, found = apply_policy({"text": "電話は０３－１２３４－５６７８、メールはｔａｒｏ＠ｅｘａｍｐｌｅ．ｊｐです。"},
+                              dict.fromkeys(PII_CATEGORIES, "mask"))
+    assert out == {"text": "電話は[PHONE]、メールは[EMAIL]です。"} and found == {"phone": 1, "email": 1}
+    assert apply_policy({"text": "締め切りは２０２４－０３－１５"}, dict.fromkeys(PII_CATEGORIES, "drop"))[1] == {}
 
 
 def test_check_digits():
@@ -387,7 +400,9 @@ def test_prepare_writes_splits_report_and_provenance(tmp_path, tiny_phi3_dir):
     assert report["duplicates"] == {"exact": 1, "near": 0}
     assert report["kept"]["train"] + report["kept"]["validation"] == 29 and report["kept"]["validation"] > 0
     md = (cfg.reports_dir / "data.md").read_text(encoding="utf-8")
-    assert "| phone | mask | 0 | 0 | 7/7 | 0/6 |" in md
+    phone = report["pii_detectors"]["phone"]
+    assert phone["positives"] >= 7 and phone["found"] == phone["positives"]
+    assert f"| phone | mask | 0 | 0 | {phone['found']}/{phone['positives']} | 0/{phone['negatives']} |" in md
     splits, sha = read_prepared(cfg)
     kept = splits["train"] + splits["validation"]
     assert all(r["source"].startswith(f"{data}:") for r in kept)

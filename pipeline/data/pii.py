@@ -14,6 +14,10 @@ Categories (each `data.pii.<category>: mask | drop | keep`):
 Categories are searched in that order, each in the text the earlier ones left, so
 a card number is not also read as a phone number. A look-alike that fails its
 check (a number failing Luhn, a date, a version string) is left alone.
+Full-width forms, common in Japanese text (０３－１２３４－５６７８, ｔａｒｏ＠ｅｘａｍｐｌｅ．ｊｐ),
+are found as their ASCII forms are: the patterns run on a copy of the text
+where each full-width character is its ASCII twin, one character for one, so
+the spans found are the original's.
 """
 from __future__ import annotations
 
@@ -80,22 +84,32 @@ PATTERNS: dict[str, tuple[re.Pattern, Callable[[str], bool]]] = {
                               r"(?![\w.:])"), _ip_ok),
 }
 MASKS = {c: f"[{c.upper()}]" for c in PII_CATEGORIES}
+# Full-width ASCII (U+FF01..U+FF5E), the ideographic space and the dashes Japanese text writes for
+# hyphens, each to its one ASCII character: offsets in the copy are offsets in the original. Not the
+# full-width colon: Japanese writes it after a label (接続元：203.0.113.7), where ":" would join the address.
+TO_ASCII = {**{0xFF01 + i: 0x21 + i for i in range(0x5E) if 0xFF01 + i != 0xFF1A}, 0x3000: 0x20,
+            **dict.fromkeys((0x2010, 0x2011, 0x2012, 0x2013, 0x2212), 0x2D)}
+
+
+def mask(text: str, categories) -> tuple[str, dict[str, int]]:
+    """`text` with every find of `categories` masked, searched in that order; and the count per category."""
+    counts: dict[str, int] = {}
+    for category in categories:
+        pattern, check = PATTERNS[category]
+        probe = text.translate(TO_ASCII)
+        pieces, last = [], 0
+        for m in pattern.finditer(probe):
+            if check(m.group(0)):
+                pieces += [text[last:m.start()], MASKS[category]]
+                last = m.end()
+                counts[category] = counts.get(category, 0) + 1
+        text = "".join(pieces) + text[last:]
+    return text, counts
 
 
 def scan(text: str) -> tuple[str, dict[str, int]]:
     """Find every category in `text`: returns the text with each find masked and the count per category."""
-    counts: dict[str, int] = {}
-    for category in PII_CATEGORIES:
-        pattern, check = PATTERNS[category]
-
-        def replace(m: re.Match, category=category, check=check) -> str:
-            if not check(m.group(0)):
-                return m.group(0)
-            counts[category] = counts.get(category, 0) + 1
-            return MASKS[category]
-
-        text = pattern.sub(replace, text)
-    return text, counts
+    return mask(text, PII_CATEGORIES)
 
 
 def apply_policy(record: dict, policy: dict[str, str]) -> tuple[dict | None, dict[str, int]]:
@@ -112,12 +126,8 @@ def apply_policy(record: dict, policy: dict[str, str]) -> tuple[dict | None, dic
             found[c] = found.get(c, 0) + n
         if not any(policy[c] == "keep" for c in counts):
             return masked
-        # Some categories are kept: mask only the others, one category at a time.
-        for c in PII_CATEGORIES:
-            if counts.get(c) and policy[c] == "mask":
-                pattern, check = PATTERNS[c]
-                text = pattern.sub(lambda m, check=check, c=c: MASKS[c] if check(m.group(0)) else m.group(0), text)
-        return text
+        # Some categories are kept: mask only the others.
+        return mask(text, [c for c in PII_CATEGORIES if counts.get(c) and policy[c] == "mask"])[0]
 
     if "text" in record:
         out = {"text": clean(record["text"])}
