@@ -2,7 +2,7 @@
 #
 #   make demo            the whole chain on a tiny offline model, on CPU (start here)
 #   make test            the test suite
-#   make train|fuse|gguf|modelfile|ollama [CONFIG=config.yaml] [NPROC=2]
+#   make data|train|fuse|gguf|modelfile|ollama [CONFIG=config.yaml] [NPROC=2]
 #   make monitor|plots|eval  watch a training, draw it, judge the models
 #   make help            everything else
 #
@@ -67,14 +67,15 @@ llama-cpp: $(LLAMA_READY) ## Build the pinned llama.cpp (cached outside the clon
 
 # ---- the pipeline (see pipeline.mk) --------------------------------------
 
-.PHONY: train fuse gguf modelfile ollama ollama-run monitor plots eval
-train fuse: $(VENV_READY)
+.PHONY: data train fuse gguf modelfile ollama ollama-run monitor plots eval
+data train fuse: $(VENV_READY)
 	@$(call locked,$(CONFIG)) $(SUBMAKE) $@ CONFIG=$(CONFIG)
 gguf modelfile ollama ollama-run eval: $(VENV_READY) $(LLAMA_READY)
 	@$(call locked,$(CONFIG)) $(SUBMAKE) $@ CONFIG=$(CONFIG) PROMPT="$(PROMPT)"
 # Readers: they run beside a training (no lock).
 monitor plots: $(VENV_READY)
 	@$(SUBMAKE) $@ CONFIG=$(CONFIG)
+data: ## Prepare the training data: data/ (train, validation), reports/data.md
 train: ## Train LoRA + soul: checkpoints/final
 fuse: ## Merge LoRA and fold the soul: fused/ (HF model)
 gguf: ## Convert and quantize: gguf/*.gguf

@@ -1,6 +1,7 @@
 # The pipeline as a DAG of file targets, one rule per artifact, one command per recipe:
 #
-#   base model + data -> checkpoints/final -> fused/ -> gguf/<run>-f16.gguf
+#   data sources -> data/ (prepared) ->
+#   base model + prepared data -> checkpoints/final -> fused/ -> gguf/<run>-f16.gguf
 #     [-> imatrix.gguf] -> gguf/<run>-q4_k_m.gguf -> Modelfile -> ollama.json (registered)
 #
 # The Makefile calls this after setting up the environment:
@@ -30,7 +31,8 @@ include $(PLAN_FILE)
 why = $(if $(wildcard $@),$(patsubst $(RUN_DIR)/%,%,$?) changed,$(patsubst $(RUN_DIR)/%,%,$@) does not exist)
 announce = @echo "==> [$(1)] building $(patsubst $(RUN_DIR)/%,%,$@) because $(why)"
 
-.PHONY: train fuse gguf modelfile ollama plots eval
+.PHONY: data train fuse gguf modelfile ollama plots eval
+data: $(DATA_REPORT)
 train: $(CHECKPOINT)
 fuse: $(FUSED)
 gguf: $(QUANTIZED)
@@ -39,7 +41,15 @@ ollama: $(OLLAMA_STAMP)
 plots: $(PLOTS)
 eval: $(EVAL_PASSED)
 
-$(CHECKPOINT): $(STAMP_DIR)/train.stamp $(DATA) $(BASE_DEPS)
+# The data stage writes its report on every run, and the prepared files only when
+# their content changes: a data.* change that keeps the same examples retrains nothing.
+$(DATA_REPORT): $(STAMP_DIR)/data.stamp $(DATA)
+	$(call announce,data)
+	$(PIPE) data --config $(CONFIG)
+
+$(PREPARED): $(DATA_REPORT) ;
+
+$(CHECKPOINT): $(STAMP_DIR)/train.stamp $(PREPARED) $(BASE_DEPS)
 	$(call announce,train)
 	$(TRAIN) --config $(CONFIG)
 

@@ -8,7 +8,8 @@ It builds, offline and deterministically, a base of Phi-3.5-mini's real shape
 (pipeline/phi35.py: the hub's config.json keys, 4 bf16 safetensors shards
 with an index, the tiny tokenizer, logits at a realistic scale), then runs
 the real stages through the real CLI (`python -m pipeline <stage>`) with
-config.yaml's settings and a couple of training steps. Per stage it prints:
+config.yaml's settings and a couple of training steps: data (the bundled
+JSONL in place of the hub dataset), train, fuse, convert, imatrix, quantize. Per stage it prints:
 
   wall         seconds
   peak anon    the peak, over the stage, of RssAnon summed over its whole
@@ -17,7 +18,8 @@ config.yaml's settings and a couple of training steps. Per stage it prints:
                safetensors readers map are not counted, the kernel drops
                those under pressure
   estimate     what the stage's own preflight check (pipeline/resources.py)
-               predicted, the figure it refuses to start without
+               predicted, the figure it refuses to start without (the data
+               stage has none: "-")
   extra disk   the peak growth of the run folder during the stage
   output       the size of what it leaves
 
@@ -130,9 +132,11 @@ def bench_config(work: Path, base: Path, steps: int, device: str) -> Path:
     cfg = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
     cfg["run"].update(name="fullsize", build_dir=str(work / "build"))
     cfg["model"].update(base=str(base), revision="main")
-    # The bundled Japanese chat lines: no dataset can be fetched here, and their content does not
-    # change any stage's cost past training's (fixed-length windows).
-    cfg["data"].update(train=str(REPO / "data" / "demo_ja.jsonl"), max_length=256)
+    # The bundled Japanese chat lines in place of the hub dataset: none can be fetched here, and their
+    # content does not change any stage's cost past training's (fixed-length windows). config.yaml's
+    # data policy (PII, duplicates, split, packing) applies to them as to the real data.
+    cfg["data"].update(train=[{"path": str(REPO / "data" / "demo_ja.jsonl"), "format": "messages"}],
+                       max_length=256)
     cfg["eval"]["heldout"] = str(REPO / cfg["eval"]["heldout"])
     if cfg["gguf"]["imatrix"].get("calibration"):
         cfg["gguf"]["imatrix"]["calibration"] = str(REPO / cfg["gguf"]["imatrix"]["calibration"])
@@ -148,8 +152,7 @@ def bench_config(work: Path, base: Path, steps: int, device: str) -> Path:
 
 def stages(config: Path, cfg) -> list[tuple[str, list[str]]]:
     py = [sys.executable, "-m", "pipeline"]
-    out = [("train", py + ["train", "--config", str(config)]), ("fuse", py + ["fuse", "--config", str(config)]),
-           ("convert", py + ["convert", "--config", str(config)])]
+    out = [(stage, py + [stage, "--config", str(config)]) for stage in ("data", "train", "fuse", "convert")]
     if cfg.imatrix_path is not None:
         out.append(("imatrix", py + ["imatrix", "--config", str(config)]))
     out += [(f"quantize {q}", py + ["quantize", "--config", str(config), "--type", q]) for q in cfg.gguf.quantizations]
@@ -157,6 +160,8 @@ def stages(config: Path, cfg) -> list[tuple[str, list[str]]]:
 
 
 def stage_outputs(cfg, stage: str) -> list[Path]:
+    if stage == "data":
+        return [cfg.prepared_dir]
     if stage == "train":
         return [cfg.final_checkpoint]
     if stage == "fuse":
@@ -206,9 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     with open(work / "stages.log", "w", encoding="utf-8") as log:
         for name, cmd in stages(config, cfg):
             print(f"[bench] {name} ...", flush=True)
-            estimate = stage_needs(cfg, name.split()[0])
+            # The data stage has no preflight (its cost follows the data, not the model): no estimate.
+            estimate = None if name == "data" else stage_needs(cfg, name.split()[0])
             row = run_stage(name, cmd, cfg.run_dir, log)
-            row["estimate_memory"], row["estimate_disk"] = estimate.memory, estimate.disk
+            row["estimate_memory"] = estimate.memory if estimate else None
+            row["estimate_disk"] = estimate.disk if estimate else None
             row["output"] = sum(size_of(o) for o in stage_outputs(cfg, name))
             rows.append(row)
             print(f"[bench] {name}: {format_row(row)}", flush=True)
@@ -226,9 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if problems else 0
 
 
+def gigabytes(value: float | None) -> str:
+    return "-" if value is None else f"{value / GB:.2f}"
+
+
 def format_row(r: dict) -> str:
     vram = f", VRAM {r['vram'] / GB:.2f} GB" if r.get("vram") is not None else ""
-    return (f"{r['wall_s']:.0f} s, peak anon {r['peak_anon'] / GB:.2f} GB (estimate {r['estimate_memory'] / GB:.2f}), "
+    return (f"{r['wall_s']:.0f} s, peak anon {r['peak_anon'] / GB:.2f} GB (estimate {gigabytes(r['estimate_memory'])}), "
             f"extra disk {r['extra_disk'] / GB:.2f} GB, output {r['output'] / GB:.2f} GB{vram}")
 
 
@@ -237,10 +248,10 @@ def print_table(rows: list[dict], shape: dict, full: bool) -> None:
     print("| stage | wall | peak anon (GB) | estimate (GB) | bound (GB) | extra disk (GB) | output (GB) | VRAM (GB) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        vram = f"{r['vram'] / GB:.2f}" if r.get("vram") is not None else "-"
         m, s = divmod(int(round(r["wall_s"])), 60)
-        print(f"| {r['stage']} | {m}:{s:02d} | {r['peak_anon'] / GB:.2f} | {r['estimate_memory'] / GB:.2f} | "
-              f"{bound_for(r['stage'].split()[0]) / GB:.0f} | {r['extra_disk'] / GB:.2f} | {r['output'] / GB:.2f} | {vram} |")
+        print(f"| {r['stage']} | {m}:{s:02d} | {r['peak_anon'] / GB:.2f} | {gigabytes(r['estimate_memory'])} | "
+              f"{bound_for(r['stage'].split()[0]) / GB:.0f} | {r['extra_disk'] / GB:.2f} | {r['output'] / GB:.2f} | "
+              f"{gigabytes(r.get('vram'))} |")
 
 
 def check_bounds(rows: list[dict], cfg) -> list[str]:

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/fuse.py                     # ~0.5B-parameter random Phi-3 in bf16
     .venv/bin/python bench/fuse.py --layers 4          # quicker
+    .venv/bin/python bench/fuse.py --smoke             # seconds, tiny: what the test suite runs
 
 Straightforward: transformers loads the whole model, PEFT merge_and_unload,
 fold the soul into lm_head, save_pretrained. Streaming: pipeline.fuse's
@@ -113,9 +114,12 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--intermediate", type=int, default=4096)
     ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--smoke", action="store_true", help="a tiny model: checks the benchmark runs")
     ap.add_argument("--child", choices=["prepare", "streaming", "straightforward"], help=argparse.SUPPRESS)
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.smoke:
+        args.hidden, args.intermediate, args.layers = 64, 128, 1
     if args.child == "prepare":
         prepare(args.root, args.hidden, args.intermediate, args.layers)
         return

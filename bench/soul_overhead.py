@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/soul_overhead.py                 # hidden 1024, 4 layers, CPU
     python bench/soul_overhead.py --device cuda --nf4         # QLoRA on a GPU
+    .venv/bin/python bench/soul_overhead.py --smoke         # seconds, tiny: what the test suite runs
 
 Both variants are the same LoRA-wrapped model on the same batches; "LoRA
 alone" has the soul taken out of the head. Both are warmed up first (on a
@@ -21,18 +22,15 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data import collate, example_order, load_examples  # noqa: E402
+from bench.common import demo_config, demo_records  # noqa: E402
+from pipeline.data.tokenize import collate, example_order, load_examples  # noqa: E402
 from pipeline.hf import load_causal_lm, load_tokenizer  # noqa: E402
 from pipeline.soul import SoulHead  # noqa: E402
 from pipeline.tiny import build_tiny_phi3  # noqa: E402
 from pipeline.train import wrap_with_lora_and_soul  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def variant(base: Path, cfg, device, nf4: bool, with_soul: bool):
@@ -69,20 +67,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--nf4", action="store_true", help="4-bit NF4 base (QLoRA)")
+    ap.add_argument("--smoke", action="store_true", help="a tiny model and 2 steps: checks the benchmark runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.hidden, args.layers, args.steps, args.warmup = 64, 1, 2, 1
     device = torch.device(args.device)
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:
         base = build_tiny_phi3(Path(tmp) / "base", hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                                num_layers=args.layers, num_heads=max(4, args.hidden // 64))
-        raw = yaml.safe_load((REPO / "demo.yaml").read_text(encoding="utf-8"))
-        raw["model"]["base"] = str(base)
-        raw["data"]["train"] = str(REPO / "data" / "demo_ja.jsonl")
-        (Path(tmp) / "bench.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-        cfg = load_config(Path(tmp) / "bench.yaml")
+        cfg = demo_config(Path(tmp), base)
         tok = load_tokenizer(base)
-        examples = load_examples(REPO / "data" / "demo_ja.jsonl", tok, 256)
+        examples = load_examples(demo_records(), tok, 256)
         batches = [collate([examples[i] for i in example_order(len(examples), s, args.batch, 0)], tok.pad_token_id)
                    for s in range(args.warmup + args.steps)]
         runs = {"lora+soul": variant(base, cfg, device, args.nf4, True),

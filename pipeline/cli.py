@@ -49,6 +49,13 @@ def _cmd_check(args) -> int:
     return 0
 
 
+def _cmd_data(args) -> int:
+    from .data.prepare import prepare_data
+
+    prepare_data(load_config(args.config))
+    return 0
+
+
 def _cmd_train(args) -> int:
     from .train import train
 
@@ -189,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-wait", action="store_true", help="refuse (exit 4) instead of waiting for the lock")
     sp.add_argument("command_line", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     command("plan", _cmd_plan, "Write the run's config stamps and plan.mk for Make; print plan.mk's path.")
+    command("data", _cmd_data,
+            "Prepare the training data (sources, PII policy, duplicates, split): data/ and reports/data.md.")
     command("train", _cmd_train,
             "Train LoRA + soul; write checkpoints/step_NNNNNN/ and checkpoints/final/ and metrics.jsonl.")
     sp = command("fuse", _cmd_fuse, "Merge LoRA into the 16-bit base and fold the soul into the LM head.")

@@ -22,7 +22,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from .constants import CHECKPOINT_MARKER, FUSION_MARKER, QUANT_TYPES, SOUL_BLOCK
+from .constants import CHECKPOINT_MARKER, FUSION_MARKER, PREPARED_MARKER, QUANT_TYPES, SOUL_BLOCK
 from .errors import BadInputError
 from .modeldir import folder_problems, is_lfs_pointer, lfs_pointer_problem
 
@@ -59,9 +59,51 @@ class ModelSection(_Section):
     revision: str = "main"
 
 
+class DataSource(_Section):
+    """One source of training examples: a local file (`path`) or a hub dataset (`hub`)."""
+    path: str | None = Field(default=None, min_length=1)  # .jsonl, .json, .parquet or .csv
+    hub: str | None = Field(default=None, min_length=1)  # owner/name, or a local folder laid out as a hub repo
+    revision: str = "main"  # hub only: branch, tag or commit
+    split: str = "train"  # hub only
+    subset: str | None = None  # hub only: the dataset's config name
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "text"] = "auto"
+    column: str | None = None  # messages format: the chat column (default: messages, conversations or conversation)
+    columns: dict[str, str] = Field(default_factory=dict)  # the format's key -> the source's column
+    max_examples: int | None = Field(default=None, ge=1)
+
+
+PiiPolicy = Literal["mask", "drop", "keep"]
+
+
+class PiiSection(_Section):
+    url_credentials: PiiPolicy = "mask"
+    email: PiiPolicy = "mask"
+    credit_card: PiiPolicy = "drop"
+    my_number: PiiPolicy = "drop"
+    phone: PiiPolicy = "mask"
+    postal_code: PiiPolicy = "mask"
+    ip_address: PiiPolicy = "mask"
+
+
+class DedupSection(_Section):
+    exact: bool = True
+    near: bool = True
+    threshold: float = Field(default=0.85, gt=0, le=1)  # Jaccard similarity of character 5-grams
+
+
 class DataSection(_Section):
-    train: str = Field(min_length=1)
+    # One path (format auto) or a list of sources.
+    train: str | list[DataSource] = Field(min_length=1)
     max_length: int = Field(default=512, ge=8)
+    overlong: Literal["truncate_prompt", "drop"] = "truncate_prompt"
+    validation_fraction: float = Field(default=0.05, ge=0, lt=1)
+    pii: PiiSection = PiiSection()
+    dedup: DedupSection = DedupSection()
+    packing: bool = False
+
+    @property
+    def sources(self) -> list[DataSource]:
+        return [DataSource(path=self.train)] if isinstance(self.train, str) else list(self.train)
 
 
 class LoraSection(_Section):
@@ -87,6 +129,7 @@ class TrainSection(_Section):
     grad_accum: int = Field(default=1, ge=1)
     steps: int = Field(default=500, ge=1)
     save_every: int = Field(default=100, ge=1)
+    eval_every: int = Field(default=0, ge=0)  # validation loss every this many steps (0: never)
     gradient_checkpointing: bool = False
 
 
@@ -218,6 +261,23 @@ class Config(_Section):
         return self.run_dir / "gguf" / f"{self.run.name}-{kind.lower()}.gguf"
 
     @property
+    def prepared_dir(self) -> Path:
+        """The prepared dataset (train.jsonl, validation.jsonl, data.json): what train reads."""
+        return self.run_dir / "data"
+
+    @property
+    def prepared_marker(self) -> Path:
+        return self.prepared_dir / PREPARED_MARKER
+
+    @property
+    def data_report(self) -> Path:
+        """Written by every data stage run: what Make takes as `make data` done."""
+        return self.reports_dir / "data.json"
+
+    def local_data_files(self) -> list[Path]:
+        return [self.resolve(s.path).resolve() for s in self.data.sources if s.path]
+
+    @property
     def metrics_path(self) -> Path:
         return self.run_dir / "metrics.jsonl"
 
@@ -270,7 +330,9 @@ def looks_local(base: str) -> bool:
 # values, so changing the Ollama system prompt re-runs only the Modelfile and
 # registration, and changing a quantization type re-runs only quantize onward.
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "train": ("run.seed", "model", "data", "train", "soul"),
+    # The prepared dataset is tokenizer-independent; what tokenization does with it is train's.
+    "data": ("run.seed", "data.train", "data.validation_fraction", "data.pii", "data.dedup"),
+    "train": ("run.seed", "model", "data.max_length", "data.overlong", "data.packing", "train", "soul"),
     "fuse": ("fuse", "fidelity"),  # merge_base auto compares candidates with the gate's prompts
     "convert": ("gguf.outtype", "fidelity"),
     "imatrix": ("gguf.imatrix",),
@@ -297,8 +359,10 @@ def stage_inputs_json(cfg: Config, stage: str) -> str:
         picked["gguf.imatrix"] = dict(picked["gguf.imatrix"], calibration=str(cfg.imatrix_calibration.resolve()))
     if stage == "eval":
         picked["eval"] = dict(picked["eval"], heldout=str(cfg.heldout_path.resolve()))
+    if stage == "data":
+        picked["data.train"] = [dict(s.model_dump(mode="json"), path=str(cfg.resolve(s.path).resolve()))
+                                if s.path else s.model_dump(mode="json") for s in cfg.data.sources]
     if stage == "train":
-        picked["data"] = dict(picked["data"], train=str(cfg.resolve(cfg.data.train).resolve()))
         if cfg.base_is_local():
             picked["model"] = dict(picked["model"], base=str(cfg.resolve(cfg.model.base).resolve()))
     return json.dumps(picked, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
@@ -397,11 +461,7 @@ def _check_values(cfg: Config) -> list[str]:
             problems.append(f"gguf.quantizations: {q!r} is not a type llama-quantize knows ({', '.join(QUANT_TYPES)})")
     problems.extend(_check_paths(cfg))
 
-    data = cfg.resolve(cfg.data.train)
-    if data.is_dir():
-        problems.append(f"data.train: {data} is a folder, not a JSONL file")
-    elif not data.is_file():
-        problems.append(f"data.train: file not found: {data}")
+    problems.extend(_check_sources(cfg))
     calibration = cfg.imatrix_calibration
     if calibration is not None and not calibration.is_file():
         problems.append(f"gguf.imatrix.calibration: file not found: {calibration}")
@@ -423,7 +483,7 @@ def _check_paths(cfg: Config) -> list[str]:
         if run_dir == folder or folder in run_dir.parents:
             problems.append(f"run.build_dir: the run folder {run_dir} lies inside the project's {name}/, "
                             "which is not for build outputs")
-    inputs = {"data.train": cfg.resolve(cfg.data.train)}
+    inputs = {key: cfg.resolve(s.path) for key, s in _source_keys(cfg) if s.path}
     if cfg.base_is_local():
         inputs["model.base"] = cfg.resolve(cfg.model.base)
     for key, path in inputs.items():
@@ -435,6 +495,36 @@ def _check_paths(cfg: Config) -> list[str]:
         known = sorted(p.stem for p in (PROJECT_DIR / "modelfiles").glob("*.Modelfile"))
         problems.append(f"ollama.family: no template modelfiles/{cfg.ollama.family}.Modelfile "
                         f"(known: {', '.join(known)})")
+    return problems
+
+
+def _source_keys(cfg: Config) -> list[tuple[str, DataSource]]:
+    """Each source with the key that names it in messages: data.train, or data.train[i]."""
+    if isinstance(cfg.data.train, str):
+        return [("data.train", cfg.data.sources[0])]
+    return [(f"data.train[{i}]", s) for i, s in enumerate(cfg.data.train)]
+
+
+def _check_sources(cfg: Config) -> list[str]:
+    """Each source names one file that exists (of a known type) or one hub dataset."""
+    problems = []
+    for key, s in _source_keys(cfg):
+        if (s.path is None) == (s.hub is None):
+            problems.append(f"{key}: give exactly one of path (a local file) or hub (a hub dataset)")
+            continue
+        if s.path is not None:
+            hub_only = [k for k in ("revision", "split", "subset") if k in s.model_fields_set]
+            if hub_only:
+                problems.append(f"{key}: {', '.join(hub_only)} apply to hub datasets only")
+            data = cfg.resolve(s.path)
+            if data.is_dir():
+                problems.append(f"{key}: {data} is a folder, not a data file (.jsonl, .json, .parquet, .csv)")
+            elif not data.is_file():
+                problems.append(f"{key}: file not found: {data}")
+            elif data.suffix.lower() not in (".jsonl", ".json", ".parquet", ".csv"):
+                problems.append(f"{key}: {data} is not a .jsonl, .json, .parquet or .csv file")
+        if s.column is not None and s.format != "messages":
+            problems.append(f"{key}.column: applies to format messages only (this source is {s.format})")
     return problems
 
 

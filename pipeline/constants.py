@@ -8,6 +8,7 @@ here lets each of those import them from below, with no cycle.
 SOUL_BLOCK = 8  # the soul rotates the hidden state in independent 8x8 blocks
 CHECKPOINT_MARKER = "checkpoint.json"  # written last into a complete checkpoint folder
 FUSION_MARKER = "fusion.json"  # written last into a complete fused model folder
+PREPARED_MARKER = "data.json"  # written last into the prepared dataset folder (train.jsonl, validation.jsonl)
 
 # What convert_hf_to_gguf.py's --outtype accepts. The k-quants are not here:
 # they need llama-quantize after conversion.

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from .artifacts import atomic_write_text, sha256_file
-from .constants import CHECKPOINT_MARKER, FUSION_MARKER
+from .constants import CHECKPOINT_MARKER, FUSION_MARKER, PREPARED_MARKER
 from .errors import PipelineError
 from .formats import GGUFError, validate_gguf
 from .modeldir import safetensors_problem
@@ -165,13 +165,16 @@ def verify_folder(folder: Path, marker_name: str, *, remove_damaged: bool = True
 def sweep(cfg) -> list[str]:
     """The quick check of every artifact of the run (see the module's doc); returns what was removed."""
     removed = []
-    folders = [(cfg.final_checkpoint, CHECKPOINT_MARKER), (cfg.fused_dir, FUSION_MARKER)]
+    folders = [(cfg.prepared_dir, PREPARED_MARKER), (cfg.final_checkpoint, CHECKPOINT_MARKER),
+               (cfg.fused_dir, FUSION_MARKER)]
     for folder, marker in folders:
         if folder.exists():
             problem = folder_problem(folder, marker)
             if problem:
                 removed.append(f"{folder}: {problem}")
                 remove(folder)
+                if folder == cfg.prepared_dir:  # the report says the data stage is done: not any more
+                    cfg.data_report.unlink(missing_ok=True)
     files = [cfg.gguf_path(cfg.gguf.outtype), *(cfg.gguf_path(q) for q in cfg.gguf.quantizations)]
     if cfg.imatrix_path is not None:
         files.append(cfg.imatrix_path)

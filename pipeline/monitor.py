@@ -164,6 +164,11 @@ def render(rows: list[dict], cfg: Config, *, finished: bool = False, idle_s: flo
             f"ortho err  {r['ortho_error']:.3e}",
             f"tokens/s   {r['tokens_per_s']:,.0f}",
         ]
+        evaluated = [x for x in rows if x.get("val_loss") is not None]  # rows of older runs have no val_loss
+        if evaluated:
+            v = evaluated[-1]
+            lines.insert(-2, f"val loss   {v['val_loss']:.4f}    at step {v['step']}, "
+                             f"best {min(x['val_loss'] for x in evaluated):.4f}")
         if finished or step >= total:
             lines.append(f"time       {_duration(r['elapsed_s'])} elapsed")
         else:

@@ -6,7 +6,7 @@
 phases.png   alpha (top) and gate = sigmoid(alpha) (bottom) against step, the
              chaos / transition / order phases of the soul schedule shaded
              and named: the seeds' phase-transition chart.
-training.png loss (top) and the soul's orthogonality error ||R^T R - I||
+training.png loss and validation loss (top) and the soul's orthogonality error ||R^T R - I||
              (bottom, log scale) against step, phases shaded.
 
 Works on a finished run and on one still training (the figures then end at
@@ -85,6 +85,10 @@ def training_figure(rows: list[dict], cfg: Config):
     ax_loss.plot(steps, [r["loss"] for r in rows], color="#222222", lw=1.5, label="loss")
     if any(r["lm_loss"] != r["loss"] for r in rows):  # differs only with soul.ortho_weight
         ax_loss.plot(steps, [r["lm_loss"] for r in rows], color="#4c78a8", lw=1, ls="--", label="LM loss")
+    evaluated = [r for r in rows if r.get("val_loss") is not None]  # every train.eval_every steps
+    if evaluated:
+        ax_loss.plot([r["step"] for r in evaluated], [r["val_loss"] for r in evaluated], "o-", color="#2a9d8f",
+                     lw=1.2, ms=4, label="validation loss")
     ax_loss.set_ylabel("loss")
     ax_loss.legend(loc="upper right", fontsize=8)
     # A log axis cannot show 0 (R = I exactly, as at the first step): those

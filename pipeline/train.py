@@ -4,7 +4,8 @@ The life of a run: `setup` loads the base (4-bit NF4 through bitsandbytes
 when configured), wraps it with LoRA, puts the soul in front of the LM head
 and tokenizes the data; `resume` picks up the newest complete checkpoint of
 the same config; `train` runs the optimizer steps with alpha set by the
-phase-transition schedule; `save_checkpoint` writes
+phase-transition schedule, with the validation loss every `eval_every` steps;
+`save_checkpoint` writes
 `checkpoints/step_NNNNNN/` every `save_every` steps and `checkpoints/final/`
 at the end. Each checkpoint folder holds the PEFT adapter
 (adapter_config.json, adapter_model.safetensors), soul.safetensors, the
@@ -19,6 +20,7 @@ import random
 import shutil
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +32,9 @@ from .checkpoint import (
     save_trainer_state,
 )
 from .config import CHECKPOINT_MARKER, Config
-from .data import IGNORE, collate, example_order, load_examples
+from .data.prepare import read_prepared
+from .data.tokenize import IGNORE, Example, collate, example_order, load_examples, pack
+from .errors import DataError
 from .hf import DTYPES, load_causal_lm, load_tokenizer, pick_device, resolve_base
 from .integrity import folder_problem, folder_records
 from .resources import require
@@ -57,13 +61,16 @@ class StepMetrics:
     grad_norm: float
     tokens_per_s: float
     elapsed_s: float
+    val_loss: float | None = None  # every train.eval_every steps and at the last step
 
 
 class Trainer:
     """One training run, from a validated config to checkpoints on disk."""
 
-    def __init__(self, cfg: Config, *, log=print):
+    def __init__(self, cfg: Config, splits: dict[str, list[dict]], data_sha256: str, *, log=print):
         self.cfg = cfg
+        self.splits = splits
+        self.data_sha256 = data_sha256
         self.log = log
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -83,7 +90,7 @@ class Trainer:
             compute = torch.float32  # bf16 matmuls on CPU are slow and gain nothing here
         self.compute_dtype = compute
         self.tokenizer = load_tokenizer(self.base_dir)
-        self.examples = load_examples(cfg.resolve(cfg.data.train), self.tokenizer, cfg.data.max_length)
+        self.examples, self.validation = self.tokenize_splits()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
         model = load_causal_lm(
@@ -91,6 +98,9 @@ class Trainer:
             double_quant=cfg.train.double_quant,
             dtype=compute if self.device.type == "cuda" else torch.float32,
         )
+        if cfg.data.packing and model.config._attn_implementation != "sdpa":
+            raise DataError(f"data.packing: needs SDPA attention, which passes the block-diagonal mask as it is "
+                            f"(this model uses {model.config._attn_implementation})")
         self.model = wrap_with_lora_and_soul(model, cfg, alpha=alpha_at(0, cfg.soul))
         self.anneal_end = cfg.soul.warmup_steps + cfg.soul.anneal_steps
         if cfg.train.gradient_checkpointing:
@@ -111,7 +121,56 @@ class Trainer:
         n_lora = sum(p.numel() for p in lora_params)
         self.log(
             f"[train] base {self.base_dir.name} on {self.device} ({'NF4' if self.nf4 else 'full precision'}), "
-            f"{len(self.examples)} examples, {n_lora:,} LoRA + {self.soul.generator.numel():,} soul parameters"
+            f"{len(self.examples)} {'packed windows' if cfg.data.packing else 'examples'}, "
+            f"{len(self.validation)} validation, {n_lora:,} LoRA + {self.soul.generator.numel():,} soul parameters"
+        )
+
+    def tokenize_splits(self) -> tuple[list[Example], list[Example]]:
+        """Train examples (packed into windows with data.packing) and validation examples.
+
+        Over-long conversations follow data.overlong; the counts are logged.
+        Raises DataError when no training example is left.
+        """
+        d = self.cfg.data
+        counts: Counter = Counter()
+        train = load_examples(self.splits["train"], self.tokenizer, d.max_length, d.overlong, counts)
+        validation = load_examples(self.splits["validation"], self.tokenizer, d.max_length, d.overlong, counts)
+        if counts:
+            self.log(f"[train] over-long examples (data.max_length {d.max_length}, data.overlong {d.overlong}): "
+                     f"{counts['truncated']} truncated, {counts['dropped']} dropped")
+        if not train:
+            raise DataError(f"{self.cfg.prepared_dir / 'train.jsonl'}: no example fits data.max_length "
+                            f"({d.max_length} tokens)")
+        return (pack(train, d.max_length) if d.packing else train), validation
+
+    def validation_loss(self) -> float | None:
+        """Mean loss per trained token over the validation split, dropout off; None without one.
+
+        The model stays in train mode (an eval-mode forward through bitsandbytes'
+        Linear4bit on CPU breaks LoRA gradients for good): only dropout is turned off.
+        """
+        if not self.validation:
+            return None
+        dropouts = [m for m in self.model.modules() if isinstance(m, torch.nn.Dropout) and m.training]
+        for m in dropouts:
+            m.eval()
+        bs = self.cfg.train.batch_size
+        batches = [collate(self.validation[i:i + bs], self.pad_id) for i in range(0, len(self.validation), bs)]
+        total = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+        loss = 0.0
+        try:
+            with torch.no_grad(), self.autocast():
+                for b in batches:
+                    loss += self.model(**{k: v.to(self.device) for k, v in b.items()}, num_items_in_batch=total).loss.item()
+        finally:
+            for m in dropouts:
+                m.train()
+        return loss
+
+    def autocast(self):
+        return torch.autocast(
+            device_type=self.device.type, dtype=self.compute_dtype,
+            enabled=self.device.type == "cuda" and self.compute_dtype != torch.float32,
         )
 
     def alpha_is_learned(self, step: int) -> bool:
@@ -133,7 +192,7 @@ class Trainer:
         if self.dist.is_main:
             remove_leftovers(self.ckpt_dir)
             for _, folder, marker in complete_steps(self.ckpt_dir):
-                if marker.get("train_config_sha256") != digest:
+                if marker.get("train_config_sha256") != digest or marker.get("data_sha256") != self.data_sha256:
                     self.log(f"[train] removing {folder.name}: it was trained with another config")
                     shutil.rmtree(folder)
                 elif problem := folder_problem(folder, CHECKPOINT_MARKER, full=True):
@@ -168,10 +227,7 @@ class Trainer:
         metrics = metrics_path.open("a", encoding="utf-8") if self.dist.is_main else open(os.devnull, "w")
         per_step = t.batch_size * t.grad_accum
         start = time.perf_counter() - (kept[-1]["elapsed_s"] if kept else 0.0)
-        autocast = torch.autocast(
-            device_type=self.device.type, dtype=self.compute_dtype,
-            enabled=self.device.type == "cuda" and self.compute_dtype != torch.float32,
-        )
+        autocast = self.autocast()
         progress = make_progress(t.steps, initial=first, enabled=self.dist.is_main)
         try:
             for step in range(first, t.steps):
@@ -193,20 +249,20 @@ class Trainer:
                 # bigger batch sees.
                 world, rank, bs = self.dist.world, self.dist.rank, t.batch_size
                 order = example_order(len(self.examples), step, per_step * world, cfg.run.seed)
-                batches = [collate([self.examples[i] for i in order[(m * world + rank) * bs:(m * world + rank + 1) * bs]],
-                                   self.pad_id) for m in range(t.grad_accum)]
+                micro = [[self.examples[i] for i in order[(m * world + rank) * bs:(m * world + rank + 1) * bs]]
+                         for m in range(t.grad_accum)]
+                batches = [collate(items, self.pad_id) for items in micro]
                 # The loss is the mean over every trained token of the step, however
                 # it is split into micro-batches and processes: each adds its sum / the total.
                 n_trained = int(self.dist.sum(torch.tensor(
                     float(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)))))
-                lm_loss, tokens = 0.0, 0
+                lm_loss, tokens = 0.0, sum(len(e.input_ids) for items in micro for e in items)
                 for batch in batches:
                     batch = {k: v.to(self.device) for k, v in batch.items()}
                     with autocast:
                         out = self.model(**batch, num_items_in_batch=n_trained)
                     out.loss.backward()
                     lm_loss += out.loss.item()
-                    tokens += int(batch["attention_mask"].sum())
                 self.dist.sum_gradients(self.optimizer)
                 lm_loss = float(self.dist.sum(torch.tensor(lm_loss)))
                 tokens = int(self.dist.sum(torch.tensor(float(tokens))))
@@ -224,6 +280,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
 
                 dt = time.perf_counter() - t0
+                evaluate = t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps)
                 row = StepMetrics(
                     step=step + 1, phase=phase_at(step, cfg.soul), alpha=alpha,
                     gate=sigmoid(alpha),
@@ -231,6 +288,7 @@ class Trainer:
                     ortho_error=ortho.item(), lr=self.optimizer.param_groups[0]["lr"],
                     grad_norm=float(grad_norm), tokens_per_s=tokens / dt if dt > 0 else 0.0,
                     elapsed_s=time.perf_counter() - start,
+                    val_loss=self.validation_loss() if evaluate else None,
                 )
                 if self.dist.is_main:
                     metrics.write(json.dumps(row.__dict__) + "\n")
@@ -274,6 +332,7 @@ class Trainer:
                 "nf4": {"load_dtype": str(self.compute_dtype).removeprefix("torch."),
                         "double_quant": self.cfg.train.double_quant, "blocksize": 64} if self.nf4 else None,
                 "train_config_sha256": self.cfg.section_digest("train"),
+                "data_sha256": self.data_sha256,  # the prepared dataset trained on (its data.json)
                 # sha256 and size of each file: damage is found before fuse or a resume reads it.
                 "files": folder_records(tmp),
             }, indent=1) + "\n")
@@ -446,14 +505,18 @@ def train(cfg: Config) -> Path:
     Resumes from the newest complete checkpoint of the same config; returns
     at once when `final/` already holds this config's result. Under torchrun
     (WORLD_SIZE > 1) each process trains on its share of every step.
-    Raises ModelError (base model), DataError (dataset, naming file and line).
+    Reads the prepared dataset (`<run>/data/`), preparing it first when it is
+    missing or stale (what `make data` does).
+    Raises ModelError (base model), DataError (dataset, naming source and row).
     """
+    splits, data_sha256 = read_prepared(cfg)
     final = cfg.final_checkpoint
     marker = read_marker(final)
-    if marker and marker.get("train_config_sha256") == cfg.section_digest("train"):
-        print(f"[train] {final} is already trained with this config; nothing to do")
+    if (marker and marker.get("train_config_sha256") == cfg.section_digest("train")
+            and marker.get("data_sha256") == data_sha256):
+        print(f"[train] {final} is already trained with this config and data; nothing to do")
         return final
     require(cfg, "train")
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, splits, data_sha256)
     trainer.setup()
     return trainer.train()

@@ -41,6 +41,7 @@ def metric_rows(cfg, steps: int = STEPS) -> list[dict]:
             "step": i + 1, "phase": phase_at(i, cfg.soul), "alpha": alpha, "gate": sigmoid(alpha),
             "loss": loss, "lm_loss": loss, "ortho_error": 0.0 if i == 0 else 1e-7 * (1 + 0.5 * math.cos(i)),
             "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 500.0 + i, "elapsed_s": 0.5 * (i + 1),
+            "val_loss": loss + 0.5 if (i + 1) % 10 == 0 else None,  # train.eval_every: 10
         })
     return rows
 

@@ -463,7 +463,7 @@ RUN_OUTPUTS = {"checkpoints", "fused", "gguf", "Modelfile", "ollama.json", "metr
 
 def test_a_line_separator_inside_a_json_string_is_no_line_break(tmp_path):
     """The other side of the line-numbered errors: U+2028 is valid inside a JSON string."""
-    from pipeline.data import read_jsonl
+    from pipeline.data.sources import read_jsonl
 
     path = tmp_path / "ok.jsonl"
     path.write_text('{"text": "a\u2028b"}\n{"text": "c"}\n', encoding="utf-8")

@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.reliability("faults")]
 KILLS = int(os.environ.get("AGIASI_FAULT_KILLS", "3"))
 # stage -> (what of the uninterrupted run is copied first, the make target that runs the stage)
 STAGES = {
+    "data": ((), "data"),
     "train": ((), "train"),
     "fuse": (("checkpoints", "metrics.jsonl"), "fuse"),
     "convert": (("checkpoints", "metrics.jsonl", "fused"), "CONVERTED"),

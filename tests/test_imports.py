@@ -9,16 +9,30 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 
 
+def module_name(path: Path) -> str:
+    """pipeline/train.py -> train; pipeline/data/prepare.py -> data.prepare; pipeline/data/__init__.py -> data."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def module_imports() -> dict[str, set[str]]:
-    """pipeline module -> the pipeline modules it imports anywhere in its text."""
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    """pipeline module (subpackages' modules dotted) -> the pipeline modules it imports anywhere in its text."""
+    paths = [p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" or p.parent != PACKAGE]
+    modules = {module_name(p) for p in paths}
     edges: dict[str, set[str]] = {}
-    for path in PACKAGE.glob("*.py"):
+    for path in paths:
+        name = module_name(path)
+        package = name.split(".")[:-1] if path.name != "__init__.py" else name.split(".")
         deps: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                deps |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
-        edges[path.stem] = deps & modules - {path.stem}
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                here = package[:len(package) - (node.level - 1)]
+                targets = [node.module] if node.module else [a.name for a in node.names]
+                for t in targets:
+                    dotted = ".".join(here + t.split("."))
+                    # the module itself, or the package it lies in when `t` names something inside a module
+                    deps.add(dotted if dotted in modules else dotted.rsplit(".", 1)[0])
+        edges[name] = deps & modules - {name}
     return edges
 
 

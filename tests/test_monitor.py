@@ -63,6 +63,9 @@ def test_render_mid_transition(cfg):
     assert loss.startswith(f"{rows[-1]['loss']:.4f}") and "first 12.0000" in loss and "falling" in loss
     assert line(text, "ortho err") == f"{rows[-1]['ortho_error']:.3e}"
     assert line(text, "tokens/s") == "529"
+    best = min(r["val_loss"] for r in rows if r["val_loss"] is not None)
+    assert line(text, "val loss") == f"{rows[29]['val_loss']:.4f}    at step 30, best {best:.4f}"
+    assert "val loss" not in render([{**r, "val_loss": None} for r in rows], cfg)
     assert line(text, "time") == "0:00:15 elapsed, ETA 0:00:15"  # 0.5 s per step, 30 steps to go
     assert line(text, "status") == "training"
 

@@ -81,6 +81,8 @@ def test_training_figure_has_loss_and_log_ortho(cfg, tmp_path):
     ax_loss, ax_ortho = fig.axes
     assert spans(ax_loss) == EXPECTED_SPANS and spans(ax_ortho) == EXPECTED_SPANS
     assert list(ax_loss.get_lines()[0].get_ydata()) == [r["loss"] for r in rows]
+    val = next(x for x in ax_loss.get_lines() if x.get_label() == "validation loss")
+    assert list(val.get_xdata()) == [10, 20, 30, 40, 50, 60]
     assert ax_ortho.get_yscale() == "log"
     ortho, zero = ax_ortho.get_lines()
     assert list(ortho.get_xdata()) == [r["step"] for r in rows[1:]]  # step 1 has error 0 (R = I)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import small_config, write_config
+from conftest import DEMO_DATA, small_config, write_config
 from pipeline.config import load_config
-from pipeline.data import collate, load_examples
+from pipeline.data.sources import read_jsonl
+from pipeline.data.tokenize import collate, load_examples
 from pipeline.hf import guard_nf4_cpu_repack, load_causal_lm, load_tokenizer
 from pipeline.train import wrap_with_lora_and_soul
 
@@ -25,7 +26,7 @@ def setup(tiny_phi3_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("q")
     cfg = load_config(write_config(root / "c.yaml", small_config(tiny_phi3_dir, root / "b")))
     tok = load_tokenizer(tiny_phi3_dir)
-    batch = collate(load_examples(cfg.resolve(cfg.data.train), tok, 256)[:2], tok.pad_token_id)
+    batch = collate(load_examples([r for _, r in read_jsonl(DEMO_DATA)], tok, 256)[:2], tok.pad_token_id)
     return cfg, tiny_phi3_dir, batch
 
 

@@ -75,15 +75,18 @@ def test_full_size_needs_fit_the_bounds_the_bench_checks():
 
 @pytest.mark.slow
 def test_fullsize_bench_smoke(tmp_path):
-    """bench/fullsize.py at a tiny width: the whole chain through the CLI, each stage measured."""
+    """bench/fullsize.py at a tiny width: the whole chain through the CLI, data first, each stage measured."""
     proc = subprocess.run([sys.executable, "bench/fullsize.py", "--smoke", "--work", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "fullsize.json").read_text())
     stages = [r["stage"] for r in result["rows"]]
-    assert stages[:3] == ["train", "fuse", "convert"] and stages[-1].startswith("quantize")
+    assert stages[:4] == ["data", "train", "fuse", "convert"] and stages[-1].startswith("quantize")
     for row in result["rows"]:
         assert row["rc"] == 0 and row["peak_anon"] > 50e6 and row["wall_s"] > 0
+        if row["stage"] == "data":  # no preflight; what it left is the prepared dataset
+            assert row["estimate_memory"] is None and row["output"] > 0
+            continue
         # the preflight estimate is an upper bound of what the stage really took, and not a wild one
         assert row["peak_anon"] <= row["estimate_memory"] <= 4 * row["peak_anon"] + 1e9, row
     assert {"fuse", "convert:f32", "convert"} <= set(result["fidelity"])

@@ -1,0 +1,209 @@
+"""Stage `data`: the configured sources to a prepared dataset, and a report of what was done.
+
+The story of a run: `read_all` reads every source and converts each row to a
+record (a bad row stops the stage, naming the source, the row, the format
+expected and the keys seen); `apply_policies` masks or drops personal
+information (`data.pii`) and removes exact and near duplicates (`data.dedup`);
+`split` puts each kept example in train or validation by a seeded hash of its
+content, so appending lines never moves an old example; `write_prepared`
+writes `<run>/data/train.jsonl` and `validation.jsonl` (only when their
+content changed, so an unchanged dataset retrains nothing) and `data.json`
+(each file's sha256 and size) last; `write_report` writes
+`reports/data.json` and `data.md`: counts per source and category, and the
+PII detectors' recall and false-positive rate on the bundled corpus
+`data/pii_corpus.jsonl`.
+
+The prepared records are text (messages or text) with their provenance (the
+source and row they came from): tokenizer-independent, so changing the base
+model does not prepare the data again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..artifacts import atomic_write_text, write_if_changed
+from ..config import PROJECT_DIR, Config
+from ..constants import PREPARED_MARKER
+from ..errors import DataError
+from ..integrity import file_record, folder_problem, verify_folder
+from .dedup import Deduplicator, content_key
+from .formats import to_record
+from .pii import PII_CATEGORIES, apply_policy, scan
+from .sources import read_jsonl, read_source
+
+SPLITS = ("train", "validation")
+PII_CORPUS = PROJECT_DIR / "data" / "pii_corpus.jsonl"
+
+
+@dataclass
+class Tally:
+    """What happened to the examples, for the report."""
+
+    read: Counter = field(default_factory=Counter)  # per source
+    pii_found: Counter = field(default_factory=Counter)  # finds per category
+    pii_examples: Counter = field(default_factory=Counter)  # examples with a find, per category
+    pii_dropped: int = 0
+    duplicates: Counter = field(default_factory=Counter)  # exact, near
+    kept: Counter = field(default_factory=Counter)  # per split
+
+
+def read_all(cfg: Config, tally: Tally) -> list[dict]:
+    """Every source's rows as records with their provenance ("source": where it came from)."""
+    records = []
+    for src in cfg.data.sources:
+        name, rows = read_source(src, cfg.resolve)
+        tally.read[name] += len(rows)
+        for row in rows:
+            records.append({**to_record(row.record, src, row.where), "source": row.where})
+    return records
+
+
+def apply_policies(cfg: Config, records: list[dict], tally: Tally) -> list[dict]:
+    """Records after the PII policy and duplicate removal, in their original order."""
+    policy = cfg.data.pii.model_dump()
+    d = cfg.data.dedup
+    dedup = Deduplicator(exact=d.exact, near=d.near, threshold=d.threshold)
+    kept = []
+    for rec in records:
+        source = rec.pop("source")
+        cleaned, found = apply_policy(rec, policy)
+        tally.pii_found.update(found)
+        tally.pii_examples.update(found.keys())
+        if cleaned is None:
+            tally.pii_dropped += 1
+            continue
+        duplicate = dedup.seen(cleaned) if (d.exact or d.near) else None
+        if duplicate:
+            tally.duplicates[duplicate] += 1
+            continue
+        kept.append({**cleaned, "source": source})
+    return kept
+
+
+def in_validation(rec: dict, seed: int, fraction: float) -> bool:
+    """A seeded hash of the example's content: the same example lands in the same split whatever is around it."""
+    h = hashlib.sha256(f"{seed}:{content_key(rec)}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 < fraction
+
+
+def split(cfg: Config, records: list[dict], tally: Tally) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for rec in records:
+        body = {k: v for k, v in rec.items() if k != "source"}
+        out["validation" if in_validation(body, cfg.run.seed, cfg.data.validation_fraction) else "train"].append(rec)
+    if not out["train"]:
+        raise DataError(f"data: no training example left ({sum(tally.read.values())} read, "
+                        f"{tally.pii_dropped} dropped for personal information, "
+                        f"{sum(tally.duplicates.values())} duplicates, {len(out['validation'])} in validation)")
+    tally.kept.update({s: len(v) for s, v in out.items()})
+    return out
+
+
+def write_prepared(cfg: Config, splits: dict[str, list[dict]]) -> None:
+    """The split files (rewritten only when changed), then the marker that records them."""
+    folder = cfg.prepared_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, recs in splits.items():
+        write_if_changed(folder / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    marker = {"files": {f"{s}.jsonl": file_record(folder / f"{s}.jsonl") for s in SPLITS},
+              "examples": {s: len(v) for s, v in splits.items()}}
+    write_if_changed(cfg.prepared_marker, json.dumps(marker, indent=1, sort_keys=True) + "\n")
+
+
+def pii_detector_figures(corpus: Path = PII_CORPUS) -> dict[str, dict]:
+    """Recall and false-positive rate of each detector on a labelled corpus.
+
+    Each line: {"category", "lang", "text", "pii": true|false}. A positive is
+    found when the category's detector fires on it; a negative (a look-alike)
+    is a false positive when it does.
+    """
+    figures = {c: {"positives": 0, "found": 0, "negatives": 0, "false_positives": 0} for c in PII_CATEGORIES}
+    for n, rec in read_jsonl(corpus):
+        if not isinstance(rec, dict) or rec.get("category") not in figures:
+            raise DataError(f"{corpus}:{n}: expected an object with a known category; saw {rec!r:.60}")
+        fired = scan(rec["text"])[1].get(rec["category"], 0) > 0
+        f = figures[rec["category"]]
+        if rec["pii"]:
+            f["positives"] += 1
+            f["found"] += fired
+        else:
+            f["negatives"] += 1
+            f["false_positives"] += fired
+    for f in figures.values():
+        f["recall"] = f["found"] / f["positives"] if f["positives"] else None
+        f["false_positive_rate"] = f["false_positives"] / f["negatives"] if f["negatives"] else None
+    return figures
+
+
+def write_report(cfg: Config, tally: Tally) -> None:
+    detectors = pii_detector_figures()
+    report = {
+        "inputs_sha256": cfg.section_digest("data"),
+        "read": dict(tally.read),
+        "pii": {c: {"policy": getattr(cfg.data.pii, c), "found": tally.pii_found[c],
+                    "examples": tally.pii_examples[c]} for c in PII_CATEGORIES},
+        "pii_dropped_examples": tally.pii_dropped,
+        "duplicates": {"exact": tally.duplicates["exact"], "near": tally.duplicates["near"]},
+        "kept": {s: tally.kept[s] for s in SPLITS},
+        "pii_detectors": detectors,
+    }
+    lines = ["# Training data", "", "| source | rows read |", "|---|---:|"]
+    lines += [f"| {name} | {n} |" for name, n in tally.read.items()]
+    lines += ["", f"Kept: {tally.kept['train']} train, {tally.kept['validation']} validation "
+              f"(seeded split, validation_fraction {cfg.data.validation_fraction}). "
+              f"Duplicates removed: {tally.duplicates['exact']} exact, {tally.duplicates['near']} near. "
+              f"Dropped for personal information: {tally.pii_dropped}.", "",
+              "## Personal information", "",
+              "| category | policy | finds | examples | detector recall | detector false positives |",
+              "|---|---|---:|---:|---:|---:|"]
+    for c in PII_CATEGORIES:
+        f = detectors[c]
+        lines.append(f"| {c} | {getattr(cfg.data.pii, c)} | {tally.pii_found[c]} | {tally.pii_examples[c]} | "
+                     f"{f['found']}/{f['positives']} | {f['false_positives']}/{f['negatives']} |")
+    lines += ["", f"Detector figures: the bundled corpus data/pii_corpus.jsonl (Japanese and English, "
+              "positives and look-alikes per category)."]
+    cfg.reports_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cfg.reports_dir / "data.md", "\n".join(lines) + "\n")
+    atomic_write_text(cfg.data_report, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+
+
+def prepare_data(cfg: Config) -> Path:
+    """Run the data stage.
+
+    Input: a validated Config (data.* keys and the sources they name).
+    Output: the prepared folder `<run>/data/` (train.jsonl, validation.jsonl,
+    data.json) and reports/data.{json,md}. Raises DataError naming the source
+    and row of a bad example, or when no training example is left.
+    """
+    tally = Tally()
+    records = apply_policies(cfg, read_all(cfg, tally), tally)
+    splits = split(cfg, records, tally)
+    write_prepared(cfg, splits)
+    write_report(cfg, tally)
+    print(f"[data] {sum(tally.read.values())} read, {tally.kept['train']} train + {tally.kept['validation']} "
+          f"validation kept in {cfg.prepared_dir}")
+    return cfg.prepared_dir
+
+
+def prepared_is_current(cfg: Config) -> bool:
+    """Whether the prepared dataset exists, is intact, and was made from the current data.* keys."""
+    try:
+        report = json.loads(cfg.data_report.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(report, dict) and report.get("inputs_sha256") == cfg.section_digest("data")
+            and folder_problem(cfg.prepared_dir, PREPARED_MARKER) is None)
+
+
+def read_prepared(cfg: Config) -> tuple[dict[str, list[dict]], str]:
+    """The prepared splits (preparing them first when stale) and their sha256, which training records."""
+    if not prepared_is_current(cfg):
+        prepare_data(cfg)
+    verify_folder(cfg.prepared_dir, PREPARED_MARKER)
+    marker = cfg.prepared_marker.read_bytes()
+    splits = {s: [rec for _, rec in read_jsonl(cfg.prepared_dir / f"{s}.jsonl")] for s in SPLITS}
+    return splits, hashlib.sha256(marker).hexdigest()
