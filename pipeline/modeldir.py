@@ -77,3 +77,24 @@ def folder_problems(path: Path) -> list[str]:
         problems.append(f"model.base: {path} has no .safetensors weights (pickled .bin weights are not loaded)")
     problems += [p for p in map(safetensors_problem, weights) if p]
     return problems
+
+
+def tensor_names(files: list[Path]) -> set[str] | None:
+    """The tensor names a model's weights hold, from its shard index or its safetensors headers.
+
+    Input: the model's `model.safetensors.index.json` (its weight_map keys are read) or its
+    `.safetensors` files (only their JSON headers are read). Output: the names, or None when
+    none of the files can be read (absent, pointer, damaged: folder_problems names those).
+    """
+    names: set[str] = set()
+    for path in files:
+        try:
+            if path.name == SAFETENSORS_INDEX:
+                names |= set(json.loads(path.read_text(encoding="utf-8"))["weight_map"])
+                continue
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                names |= {k for k in json.loads(f.read(n)) if k != "__metadata__"}
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            continue
+    return names or None
