@@ -342,15 +342,16 @@ def register(cfg: Config) -> Path:
     properly; no stamp is written then. A GGUF that fails validation is never uploaded.
     """
     gguf, digest = check_served_gguf(cfg)  # a broken file is named whether or not a server runs
-    reason = unavailable_reason()
-    if reason:
-        raise OllamaError(how_to_get_ollama(reason, cfg))
+    client = OllamaClient()
+    try:
+        version = client.version()  # too old: OllamaError saying so
+    except NoServerError as e:
+        raise OllamaError(how_to_get_ollama(str(e), cfg)) from None
     modelfile = cfg.modelfile_path
     for p in (modelfile, gguf):
         if not p.is_file():
             raise OllamaError(f"{p}: missing; run `make gguf` and `make modelfile` first")
-    client = OllamaClient()
-    print(f"[ollama] Ollama {client.version()} at {client.host}")
+    print(f"[ollama] Ollama {version} at {client.host}")
     create_with_api(cfg, client, gguf, digest)
     answer = prove_it_answers(cfg, client)
     stamp = {
