@@ -20,11 +20,12 @@ from typing import Any, Literal
 
 import pydantic
 import yaml
+from huggingface_hub import try_to_load_from_cache
 from pydantic import BaseModel, ConfigDict, Field
 
 from .constants import CHECKPOINT_MARKER, FUSION_MARKER, GGML_WEIGHT_TYPES, QUANT_TYPES, SOUL_BLOCK
 from .errors import BadInputError
-from .modeldir import SAFETENSORS_INDEX, folder_problems, is_lfs_pointer, lfs_pointer_problem, tensor_names
+from .modeldir import SAFETENSORS_INDEX, context_lengths, folder_problems, is_lfs_pointer, lfs_pointer_problem, tensor_names
 from .ollama_rules import name_problem, option_problem
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -144,8 +145,8 @@ class EvalSection(_Section):
     chunk_tokens: int = Field(default=1024, ge=2, le=2046)
 
 
-# The context Ollama allocates when the Modelfile sets none: its smallest VRAM-based default
-# (envconfig/config.go), and Phi-3.5's original context. The Modelfile always sets num_ctx.
+# The context the Modelfile sets when the config gives no num_ctx: Ollama's smallest VRAM-based
+# default (envconfig/config.go: 4096, 32768 or 262144), which is also Phi-3.5's original context.
 DEFAULT_NUM_CTX = 4096
 
 
@@ -259,12 +260,20 @@ class Config(_Section):
     def served_context(self) -> int:
         """The context length (tokens) Ollama allocates for this run's model.
 
-        The Modelfile and the /api/create parameters always set num_ctx, so that no server
-        default (OLLAMA_CONTEXT_LENGTH, or 4096/32768/262144 by VRAM) decides it: it is
-        `ollama.parameters.num_ctx` when given, else DEFAULT_NUM_CTX (4096). A request's own
-        options could still override it; the pipeline's requests never do.
+        The Modelfile and the /api/create parameters always set num_ctx to this, so that no
+        server default (OLLAMA_CONTEXT_LENGTH, or 4096/32768/262144 by VRAM) decides it:
+        `ollama.parameters.num_ctx` when given, which Ollama lowers to the GGUF's context length
+        (max_position_embeddings; llm/server.go NewLlamaServer); else DEFAULT_NUM_CTX, bounded by
+        the model's original context. check-config refuses a num_ctx above the original context
+        unless `ollama.allow_long_context` (context_problems). A request's own options could
+        still override it; the pipeline's requests never do.
         """
-        return int(self.ollama.parameters.get("num_ctx", DEFAULT_NUM_CTX))
+        asked = self.ollama.parameters.get("num_ctx")
+        known = original_context(self)
+        if known is None:
+            return int(asked if asked is not None else DEFAULT_NUM_CTX)
+        original, longest, _ = known
+        return min(int(asked), longest) if asked is not None else min(DEFAULT_NUM_CTX, original)
 
     @property
     def ollama_stamp(self) -> Path:
@@ -472,29 +481,16 @@ def model_files(cfg: Config, names: tuple[str, ...]) -> list[Path]:
             return found
     if cfg.base_is_local():
         return []
-    from huggingface_hub import try_to_load_from_cache
-
     cached = [try_to_load_from_cache(cfg.model.base, n, revision=cfg.model.revision) for n in names]
     return [Path(c) for c in cached if isinstance(c, str)]
 
 
 def original_context(cfg: Config) -> tuple[int, int, Path] | None:
     """(original context, max positions, config.json read) of the served model, or None when
-    no config.json is at hand yet. The original context is `original_max_position_embeddings`
-    (LongRoPE models such as Phi-3.5), else `max_position_embeddings`."""
+    no config.json is at hand yet (modeldir.context_lengths)."""
     files = model_files(cfg, ("config.json",))
-    if not files:
-        return None
-    try:
-        hf = json.loads(files[0].read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # the base check names an unreadable config.json
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    longest = hf.get("max_position_embeddings")
-    original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or longest
-    if not isinstance(original, int) or not isinstance(longest, int):
-        return None
-    return original, longest, files[0]
+    known = context_lengths(files[0].parent) if files else None
+    return (*known, files[0]) if known else None
 
 
 def context_problems(cfg: Config) -> list[str]:
@@ -510,15 +506,15 @@ def context_problems(cfg: Config) -> list[str]:
     if known is None:
         return []  # a num_ctx of the wrong type is reported by _check_ollama
     original, longest, where = known
-    n = cfg.served_context
-    if n > longest:
-        return [f"ollama.parameters.num_ctx: {n} is above the model's max_position_embeddings "
-                f"{longest} ({where})"]
-    if n > original and not cfg.ollama.allow_long_context:
-        return [f"ollama.parameters.num_ctx: {n} is above the model's original context {original} "
+    if num_ctx > longest:
+        return [f"ollama.parameters.num_ctx: {num_ctx} is above the model's max_position_embeddings "
+                f"{longest} ({where}); Ollama would cut it to {longest}. Allowed: 1 to {original}, "
+                f"or up to {longest} with ollama.allow_long_context: true"]
+    if cfg.served_context > original and not cfg.ollama.allow_long_context:
+        return [f"ollama.parameters.num_ctx: {num_ctx} is above the model's original context {original} "
                 f"(original_max_position_embeddings in {where}): llama.cpp then uses LongRoPE's long "
                 f"factors for every prompt, a different model from the one trained at {original}. "
-                f"Use num_ctx <= {original}, or set ollama.allow_long_context: true to accept it"]
+                f"Allowed: 1 to {original}, or set ollama.allow_long_context: true to accept it"]
     return []
 
 
