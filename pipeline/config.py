@@ -456,7 +456,9 @@ def _check_ollama(cfg: Config) -> list[str]:
     if why:
         problems.append(f"ollama.model: {o.model!r} is {why}")
     for key, value in o.parameters.items():
-        why = None if key == "stop" else option_problem(key, value)
+        why = option_problem(key, value)
+        if key == "stop":  # the chat format's stops are the ones sent (ollama.create_parameters)
+            why = "the stops come from the chat format: set ollama.stop (with ollama.template), or the family's Modelfile"
         if why:
             problems.append(f"ollama.parameters.{key}: {why}")
     for key, text in (("ollama.system", o.system), ("ollama.template", o.template or "")):
