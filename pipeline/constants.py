@@ -36,3 +36,7 @@ GGML_WEIGHT_TYPES = (
     "q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "iq2_xxs", "iq2_xs", "iq3_xxs", "iq3_s", "iq2_s",
     "iq1_s", "iq1_m", "iq4_nl", "iq4_xs", "tq1_0", "tq2_0",
 )
+
+# Tokens past a LongRoPE model's original context at which the fidelity gate reports the
+# long-factor model (one KV-cache block: llama.cpp picks the factors by the context alone).
+LONG_CONTEXT_PROBE = 256

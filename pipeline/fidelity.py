@@ -6,8 +6,8 @@ Japanese and English prompts, before the output is renamed into place:
   fuse      trained model (as trained: NF4 or not, + LoRA + soul) vs fused HF model
   convert   (fidelity.compare_f32) a slice of the fused HF model vs its temporary
             f32 GGUF, to float rounding; then the fused HF model vs the converted
-            GGUF in llama.cpp (F32 KV cache) at the context Ollama will allocate
-            (cfg.served_context), and the two tokenizers on the same texts
+            GGUF in llama.cpp as Ollama runs it (the context it allocates,
+            cfg.served_context, and its F16 KV cache), and the two tokenizers on the same texts
   quantize  converted GGUF vs each quantized GGUF, at that context too
 
 HF models are evaluated layer by layer from their files (pipeline/layered.py),
@@ -40,6 +40,7 @@ from .adapter import LoraAdapter, merged_weight, nf4_round_trip, read_adapter, w
 from .artifacts import atomic_file, atomic_write_text
 from .checkpoint import read_marker
 from .config import Config
+from .constants import LONG_CONTEXT_PROBE
 from .errors import PipelineError
 from .hf import load_tokenizer, load_trained
 from .layered import Variant, layered_logits, stored_weight, write_layer_slice
@@ -106,17 +107,24 @@ def hf_logits(model, ids: list[list[int]]) -> list[np.ndarray]:
     return out
 
 
-def gguf_model(path: Path, n_ctx: int, vocab_only: bool = False):
+# llama.cpp's ggml types for the KV cache: F32 for comparisons down to float rounding (the
+# default F16 cache alone adds ~1e-3 of logit error), F16 for the model as Ollama runs it
+# (OLLAMA_KV_CACHE_TYPE defaults to f16, envconfig/config.go) at the context it allocates.
+KV_F32, KV_F16 = 0, 1
+
+
+def gguf_model(path: Path, n_ctx: int, vocab_only: bool = False, kv_type: int = KV_F32):
     llama_cpp = llamacpp.load_bindings()
-    # F32 KV cache (type 0): the default F16 cache alone adds ~1e-3 of logit error.
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, type_k=0, type_v=0,
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, type_k=kv_type, type_v=kv_type,
                            n_gpu_layers=-1, n_threads=os.cpu_count(), verbose=False, vocab_only=vocab_only)
 
 
 def gguf_logits(path: Path, ids: list[list[int]], n_ctx: int = 0) -> list[np.ndarray]:
-    """llama.cpp's logits for each prompt, in a context of n_ctx tokens (at least the longest
-    prompt's): for LongRoPE models the allocated context, not the prompt, picks the RoPE factors."""
-    llm = gguf_model(path, n_ctx=max(n_ctx, max(len(s) for s in ids) + 8))
+    """llama.cpp's logits for each prompt. n_ctx 0: a context just long enough, F32 KV cache
+    (float rounding only). n_ctx > 0: the context Ollama allocates, with Ollama's F16 KV cache;
+    for LongRoPE models the allocated context, not the prompt, picks the RoPE factors."""
+    shortest = max(len(s) for s in ids) + 8
+    llm = gguf_model(path, n_ctx=max(n_ctx, shortest), kv_type=KV_F16 if n_ctx else KV_F32)
     out = []
     for seq in ids:
         llm.reset()
@@ -338,7 +346,7 @@ def gate_contexts(cfg: Config, model_dir: Path) -> tuple[int, int | None]:
     context and reports the long-factor model beside it. The factor choice is the only way the
     allocated context changes a prompt's logits, so that report runs at the served context or at
     LONG_CONTEXT_PROBE tokens past the original one, whichever is less: the same model, without
-    an F32 KV cache sized for 131072 tokens.
+    a KV cache sized for 131072 tokens.
     """
     served = cfg.served_context
     known = context_lengths(model_dir)
@@ -346,10 +354,6 @@ def gate_contexts(cfg: Config, model_dir: Path) -> tuple[int, int | None]:
     if served <= original:
         return served, None
     return original, min(served, original + LONG_CONTEXT_PROBE)
-
-
-# Tokens past the original context at which the long-context report runs (a KV-cache block).
-LONG_CONTEXT_PROBE = 256
 
 
 def report_long_context(cfg: Config, reference: list[np.ndarray], candidate: list[np.ndarray], n_ctx: int,

@@ -102,12 +102,18 @@ def tensor_names(files: list[Path]) -> set[str] | None:
 
 def context_lengths(folder: Path) -> tuple[int, int] | None:
     """(original context, max positions) from a model folder's config.json, or None when it
-    has none or it does not say. The original context is `original_max_position_embeddings`
-    (LongRoPE models such as Phi-3.5: 4096 of 131072), else `max_position_embeddings`."""
+    has none or it does not say (config_context_lengths)."""
     try:
         hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # folder_problems names an unreadable config.json
+    return config_context_lengths(hf)
+
+
+def config_context_lengths(hf: dict) -> tuple[int, int] | None:
+    """(original context, max positions) of a parsed config.json, or None when it does not say.
+    The original context is `original_max_position_embeddings` (LongRoPE models such as
+    Phi-3.5: 4096 of 131072), else `max_position_embeddings`."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     longest = hf.get("max_position_embeddings")
     original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or longest

@@ -84,6 +84,8 @@ BAD = [
     ({"ollama": {"parameters": {"temperature": -1}}}, "ollama.parameters.temperature: must be >= 0"),
     ({"ollama": {"parameters": {"top_p": 1.5}}}, "ollama.parameters.top_p: must be <= 1"),
     ({"ollama": {"parameters": {"use_mmap": "yes"}}}, "ollama.parameters.use_mmap: must be true or false"),
+    ({"ollama": {"parameters": {"stop": ["<|end|>"]}}}, "ollama.parameters.stop: the stops come from the chat format"),
+    ({"ollama": {"parameters": {"num_gpu": -2}}}, "ollama.parameters.num_gpu: must be >= -1"),
     ({"ollama": {"system": 'a"""b'}}, 'ollama.system: must not contain """'),
     ({"ollama": {"template": '{{ .Prompt }}"""', "stop": ["<|end|>"]}}, 'ollama.template: must not contain """'),
     # the tiny base's config.json: original_max_position_embeddings = max_position_embeddings = 4096
