@@ -31,6 +31,12 @@ def from_map(options: dict) -> str | None:
     return None
 
 
+def valid_path(name: str) -> bool:
+    """Go's io/fs.ValidPath, which CreateHandler applies to every `files` name (server/create.go):
+    unrooted, slash-separated, no empty, "." or ".." element ("." alone is the root)."""
+    return name == "." or (bool(name) and all(e not in ("", ".", "..") for e in name.split("/")))
+
+
 def template_error(template: str) -> str | None:
     """template/template.go Parse (text/template): unbalanced {{ }} or range/if without end fail."""
     if template.count("{{") != template.count("}}"):
@@ -117,7 +123,13 @@ class FakeOllama(http.server.BaseHTTPRequestHandler):
         self._reply(404)
 
     def _create(self, req: dict):
-        """server/create.go CreateHandler: name check, blobs, template parse; parameters stored as given."""
+        """server/create.go CreateHandler: file names and digests, name check, blobs, template
+        parse; parameters stored as given."""
+        for path, digest in (req.get("files") or {}).items():
+            if not valid_path(path):
+                return self._reply(400, {"error": "file path must be relative"})  # errFilePath
+            if not digest:
+                return self._reply(400, {"error": "invalid digest format"})  # manifest/paths.go
         if not name_is_valid(parse_name(req.get("model", ""))):
             return self._reply(400, {"error": "invalid model name"})  # types/errtypes/errtypes.go
         if not req.get("files"):

@@ -242,16 +242,20 @@ def test_ollama_host_is_parsed_as_envconfig_host(value, want):
     assert parse_host(value) == want
 
 
-# envconfig/config_test.go TestConnectableHost (and Go's net.Dial for an empty host)
+# envconfig/config_test.go TestConnectableHost, all its cases; then two of ours: Go's net.Dial takes an
+# empty host (":1234") as the local system, and a path prefix is kept
 CONNECT_CASES = {
+    "": "http://127.0.0.1:11434", "127.0.0.1": "http://127.0.0.1:11434", "127.0.0.1:1234": "http://127.0.0.1:1234",
     "0.0.0.0": "http://127.0.0.1:11434", "0.0.0.0:1234": "http://127.0.0.1:1234", "[::]": "http://[::1]:11434",
-    "[::]:1234": "http://[::1]:1234", "[::1]": "http://[::1]:11434", "192.168.1.5:8080": "http://192.168.1.5:8080",
-    "example.com": "http://example.com:11434", "https://0.0.0.0:4321": "https://127.0.0.1:4321",
+    "[::]:1234": "http://[::1]:1234", "[::1]": "http://[::1]:11434", "[::1]:1234": "http://[::1]:1234",
+    "192.168.1.5": "http://192.168.1.5:11434", "192.168.1.5:8080": "http://192.168.1.5:8080",
+    "example.com": "http://example.com:11434", "example.com:1234": "http://example.com:1234",
+    "https://0.0.0.0:4321": "https://127.0.0.1:4321",
     ":1234": "http://127.0.0.1:1234", "https://example.com/ollama": "https://example.com:443/ollama",
 }
 
 
-@pytest.mark.parametrize("value,want", CONNECT_CASES.items(), ids=list(CONNECT_CASES))
+@pytest.mark.parametrize("value,want", CONNECT_CASES.items(), ids=[repr(k) for k in CONNECT_CASES])
 def test_the_client_connects_where_ollama_connects(value, want, monkeypatch):
     from pipeline.ollama import OllamaClient
 
@@ -430,6 +434,11 @@ def test_the_contract_server_rejects_what_ollama_rejects(built, fake_ollama):
     digest = "sha256:" + "1" * 64
     with pytest.raises(OllamaError, match="invalid model name"):
         client.create("bad name", {"x.gguf": digest}, "", "", {})
+    for path in ("/abs/x.gguf", "../x.gguf", "a//x.gguf"):  # io/fs.ValidPath
+        with pytest.raises(OllamaError, match="file path must be relative"):
+            client.create("good", {path: digest}, "", "", {})
+    with pytest.raises(OllamaError, match="invalid digest format"):
+        client.create("good", {"x.gguf": ""}, "", "", {})
     with pytest.raises(OllamaError, match="blob not found"):
         client.create("good", {"x.gguf": digest}, "", "", {})
     fake_ollama.blobs[digest] = b""
