@@ -236,10 +236,13 @@ HOST_CASES = {
 
 
 @pytest.mark.parametrize("value,want", HOST_CASES.items(), ids=[repr(k) for k in HOST_CASES])
-def test_ollama_host_is_parsed_as_envconfig_host(value, want):
+def test_ollama_host_is_parsed_as_envconfig_host(value, want, monkeypatch):
+    from pipeline.ollama import ollama_host
     from pipeline.ollama_rules import parse_host
 
     assert parse_host(value) == want
+    monkeypatch.setenv("OLLAMA_HOST", value)
+    assert ollama_host() == want  # what the client and every message use
 
 
 # envconfig/config_test.go TestConnectableHost, all its cases; then two of ours: Go's net.Dial takes an
