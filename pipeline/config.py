@@ -324,6 +324,11 @@ def stage_inputs_json(cfg: Config, stage: str) -> str:
     # does not look like a change while pointing at other data does.
     if "gguf.imatrix" in picked and cfg.gguf.imatrix.calibration:
         picked["gguf.imatrix"] = dict(picked["gguf.imatrix"], calibration=str(cfg.imatrix_calibration.resolve()))
+    if stage in ("convert", "quantize"):
+        # their gates run llama.cpp at the served context; above the original context that is
+        # another model (LongRoPE's long factors), whose report only a new run writes
+        known = original_context(cfg)
+        picked["long_context"] = bool(known and cfg.served_context > known[0])
     if stage == "eval":
         picked["eval"] = dict(picked["eval"], heldout=str(cfg.heldout_path.resolve()))
     if stage == "train":

@@ -201,5 +201,12 @@ def test_num_ctx_above_the_original_context_needs_allow_long_context(tiny_phi3_d
                and "allow_long_context" in p for p in problems), problems
     raw["ollama"]["allow_long_context"] = True
     assert load_config(write_config(tmp_path / "c.yaml", raw)).served_context == 8192
+    long = load_config(write_config(tmp_path / "c.yaml", raw))
+    raw["ollama"]["parameters"]["num_ctx"] = 4096
+    short = load_config(write_config(tmp_path / "c4.yaml", raw))
+    # the gates ran at another model's context: convert and quantize run again, train and fuse do not
+    changed = {s for s in ("train", "fuse", "convert", "quantize", "modelfile")
+               if stage_inputs_json(long, s) != stage_inputs_json(short, s)}
+    assert changed == {"convert", "quantize", "modelfile"}
     raw["ollama"]["parameters"]["num_ctx"] = 262144
     assert any("above the model's max_position_embeddings 131072" in p for p in problems_of(tmp_path, raw))
