@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--type", required=True, help="one of gguf.quantizations, e.g. Q4_K_M")
     command("modelfile", _cmd_modelfile, "Render the Ollama Modelfile for the run.")
     command("register", _cmd_register,
-            "Register the model with Ollama (CLI or REST API), prove it answers and stops, write ollama.json.")
+            "Register the model through Ollama's REST API at OLLAMA_HOST, prove it answers and stops, write ollama.json.")
     sp = command("ask", _cmd_ask, "Send one chat message to the registered Ollama model and print the answer.")
     sp.add_argument("--prompt", required=True)
     command("ollama-status", _cmd_ollama_status,

@@ -20,11 +20,13 @@ from typing import Any, Literal
 
 import pydantic
 import yaml
+from huggingface_hub import try_to_load_from_cache
 from pydantic import BaseModel, ConfigDict, Field
 
-from .constants import CHECKPOINT_MARKER, FUSION_MARKER, PREPARED_MARKER, QUANT_TYPES, SOUL_BLOCK
+from .constants import CHECKPOINT_MARKER, FUSION_MARKER, GGML_WEIGHT_TYPES, PREPARED_MARKER, QUANT_TYPES, SOUL_BLOCK
 from .errors import BadInputError
-from .modeldir import folder_problems, is_lfs_pointer, lfs_pointer_problem
+from .modeldir import SAFETENSORS_INDEX, context_lengths, folder_problems, is_lfs_pointer, lfs_pointer_problem, tensor_names
+from .ollama_rules import name_problem, option_problem
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 # The project's own folders (sources, tools, bundled inputs): no run writes its outputs there.
@@ -186,13 +188,21 @@ class EvalSection(_Section):
     chunk_tokens: int = Field(default=1024, ge=2, le=2046)
 
 
+# The context the Modelfile sets when the config gives no num_ctx: Ollama's smallest VRAM-based
+# default (envconfig/config.go: 4096, 32768 or 262144), which is also Phi-3.5's original context.
+DEFAULT_NUM_CTX = 4096
+
+
 class OllamaSection(_Section):
-    model: str = Field(default="agiasi-borea", pattern=r"^[a-z0-9][a-z0-9._/:-]*$")
+    model: str = "agiasi-borea"  # checked with Ollama's own name rules (ollama_rules.name_problem)
     family: str = Field(default="phi3", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # a name in modelfiles/, not a path
     template: str | None = None  # a TEMPLATE of your own instead of the family's (needs `stop`)
     stop: list[str] | None = None
     system: str = ""
-    parameters: dict[str, float | int | str] = Field(default_factory=dict)
+    # Checked against Ollama's option table (ollama_rules.OPTIONS): name, type, range.
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    # num_ctx above the model's original context (LongRoPE's long factors for every prompt)
+    allow_long_context: bool = False
 
 
 class Config(_Section):
@@ -307,6 +317,25 @@ class Config(_Section):
         return self.run_dir / "Modelfile"
 
     @property
+    def served_context(self) -> int:
+        """The context length (tokens) Ollama allocates for this run's model.
+
+        The Modelfile and the /api/create parameters always set num_ctx to this, so that no
+        server default (OLLAMA_CONTEXT_LENGTH, or 4096/32768/262144 by VRAM) decides it:
+        `ollama.parameters.num_ctx` when given, which Ollama lowers to the GGUF's context length
+        (max_position_embeddings; llm/server.go NewLlamaServer); else DEFAULT_NUM_CTX, bounded by
+        the model's original context. check-config refuses a num_ctx above the original context
+        unless `ollama.allow_long_context` (context_problems). A request's own options could
+        still override it; the pipeline's requests never do.
+        """
+        asked = self.ollama.parameters.get("num_ctx")
+        known = original_context(self)
+        if known is None:
+            return int(asked if asked is not None else DEFAULT_NUM_CTX)
+        original, longest, _ = known
+        return min(int(asked), longest) if asked is not None else min(DEFAULT_NUM_CTX, original)
+
+    @property
     def ollama_stamp(self) -> Path:
         return self.run_dir / "ollama.json"
 
@@ -357,6 +386,11 @@ def stage_inputs_json(cfg: Config, stage: str) -> str:
     # does not look like a change while pointing at other data does.
     if "gguf.imatrix" in picked and cfg.gguf.imatrix.calibration:
         picked["gguf.imatrix"] = dict(picked["gguf.imatrix"], calibration=str(cfg.imatrix_calibration.resolve()))
+    if stage in ("convert", "quantize"):
+        # their gates run llama.cpp at the served context; above the original context that is
+        # another model (LongRoPE's long factors), whose report only a new run writes
+        known = original_context(cfg)
+        picked["long_context"] = bool(known and cfg.served_context > known[0])
     if stage == "eval":
         picked["eval"] = dict(picked["eval"], heldout=str(cfg.heldout_path.resolve()))
     if stage == "data":
@@ -459,6 +493,11 @@ def _check_values(cfg: Config) -> list[str]:
     for q in cfg.gguf.quantizations:
         if q.upper() not in {name.upper() for name in QUANT_TYPES}:
             problems.append(f"gguf.quantizations: {q!r} is not a type llama-quantize knows ({', '.join(QUANT_TYPES)})")
+    out_type = cfg.gguf.output_tensor_type
+    if out_type is not None and out_type.lower() not in {t.lower() for t in GGML_WEIGHT_TYPES}:
+        problems.append(f"gguf.output_tensor_type: {out_type!r} is not a ggml type llama-quantize's "
+                        f"--output-tensor-type knows ({', '.join(GGML_WEIGHT_TYPES)})")
+    problems.extend(_check_ollama(cfg))
     problems.extend(_check_paths(cfg))
 
     problems.extend(_check_sources(cfg))
@@ -468,7 +507,98 @@ def _check_values(cfg: Config) -> list[str]:
 
     if cfg.base_is_local():
         problems.extend(_check_local_base(cfg.resolve(cfg.model.base)))
+    problems.extend(_check_lora_targets(cfg))
+    problems.extend(context_problems(cfg))
     return problems
+
+
+def _check_ollama(cfg: Config) -> list[str]:
+    """The model name by Ollama's rules, each parameter against Ollama's option table, and no
+    triple quote in what the Modelfile quotes with it."""
+    o = cfg.ollama
+    problems = []
+    why = name_problem(o.model)
+    if why:
+        problems.append(f"ollama.model: {o.model!r} is {why}")
+    for key, value in o.parameters.items():
+        why = option_problem(key, value)
+        if key == "stop":  # the chat format's stops are the ones sent (ollama.create_parameters)
+            why = "the stops come from the chat format: set ollama.stop (with ollama.template), or the family's Modelfile"
+        if why:
+            problems.append(f"ollama.parameters.{key}: {why}")
+    for key, text in (("ollama.system", o.system), ("ollama.template", o.template or "")):
+        if '"""' in text:
+            problems.append(f'{key}: must not contain """ (it ends the Modelfile string)')
+    for i, stop in enumerate(o.stop or []):
+        if not stop or "\n" in stop or '"' in stop:
+            problems.append(f"ollama.stop[{i}]: {stop!r} must be non-empty, one line, without a double quote")
+    return problems
+
+
+def model_files(cfg: Config, names: tuple[str, ...]) -> list[Path]:
+    """Where the run's model files can be read before anything is built: the fused model's,
+    else the local base's, else a hub base's in the Hugging Face cache (at model.revision; nothing
+    is downloaded). Returns the first source's files among `names` that exist, or []."""
+    folders = [cfg.fused_dir]
+    if cfg.base_is_local():
+        folders.append(cfg.resolve(cfg.model.base))
+    for folder in folders:
+        found = [folder / n for n in names if (folder / n).is_file() and not is_lfs_pointer(folder / n)]
+        if found:
+            return found
+    if cfg.base_is_local():
+        return []
+    cached = [try_to_load_from_cache(cfg.model.base, n, revision=cfg.model.revision) for n in names]
+    return [Path(c) for c in cached if isinstance(c, str)]
+
+
+def original_context(cfg: Config) -> tuple[int, int, Path] | None:
+    """(original context, max positions, config.json read) of the served model, or None when
+    no config.json is at hand yet (modeldir.context_lengths)."""
+    files = model_files(cfg, ("config.json",))
+    known = context_lengths(files[0].parent) if files else None
+    return (*known, files[0]) if known else None
+
+
+def context_problems(cfg: Config) -> list[str]:
+    """num_ctx (cfg.served_context) against the model's own context.
+
+    Above the original context llama.cpp, which Ollama runs for phi3, switches every prompt to
+    LongRoPE's long factors (it picks them by the allocated context, not the prompt), so Ollama
+    would serve a different model from the one the gate checked: refused unless
+    `ollama.allow_long_context: true`. Above max_position_embeddings it is always refused.
+    """
+    num_ctx = cfg.ollama.parameters.get("num_ctx", DEFAULT_NUM_CTX)
+    known = None if option_problem("num_ctx", num_ctx) else original_context(cfg)
+    if known is None:
+        return []  # a num_ctx of the wrong type is reported by _check_ollama
+    original, longest, where = known
+    if num_ctx > longest:
+        return [f"ollama.parameters.num_ctx: {num_ctx} is above the model's max_position_embeddings "
+                f"{longest} ({where}); Ollama would cut it to {longest}. Allowed: 1 to {original}, "
+                f"or up to {longest} with ollama.allow_long_context: true"]
+    if cfg.served_context > original and not cfg.ollama.allow_long_context:
+        return [f"ollama.parameters.num_ctx: {num_ctx} is above the model's original context {original} "
+                f"(original_max_position_embeddings in {where}): llama.cpp then uses LongRoPE's long "
+                f"factors for every prompt, a different model from the one trained at {original}. "
+                f"Allowed: 1 to {original}, or set ollama.allow_long_context: true to accept it"]
+    return []
+
+
+def _check_lora_targets(cfg: Config) -> list[str]:
+    """train.lora.target_modules against the base's module names, from its safetensors index or
+    headers (a local base, or one in the Hugging Face cache). PEFT matches a target when a module's
+    full name equals it or ends with "." + it; the modules are those that own a .weight tensor."""
+    files = model_files(cfg, (SAFETENSORS_INDEX, "model.safetensors"))
+    names = tensor_names(files[:1]) if files else None
+    if names is None:
+        return []
+    modules = {n[: -len(".weight")] for n in names if n.endswith(".weight")}
+    leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    return [f"train.lora.target_modules: {t!r} is no module of the base ({files[0].name}); "
+            f"its modules: {', '.join(leaves)}"
+            for t in cfg.train.lora.target_modules
+            if not any(m == t or m.endswith("." + t) for m in modules)]
 
 
 def _check_paths(cfg: Config) -> list[str]:

@@ -27,3 +27,17 @@ QUANT_TYPES = (
     "IQ4_NL", "IQ4_XS", "Q4_K", "Q4_K_S", "Q4_K_M", "Q5_K", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0",
     "F16", "BF16", "F32", "COPY",
 )
+
+# What llama-quantize's --output-tensor-type accepts: a ggml type name (ggml_type_name, matched
+# case-insensitively by parse_ggml_type in tools/quantize/quantize.cpp), not a file-type mix such
+# as Q4_K_M. Only the types a weight can be stored in (type_traits in ggml/src/ggml.c at the pinned
+# commit, without the integer types, f64, the dot-product-only q8_1/q8_K and the removed ones).
+GGML_WEIGHT_TYPES = (
+    "f32", "f16", "bf16", "q1_0", "q2_0", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "mxfp4", "nvfp4",
+    "q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "iq2_xxs", "iq2_xs", "iq3_xxs", "iq3_s", "iq2_s",
+    "iq1_s", "iq1_m", "iq4_nl", "iq4_xs", "tq1_0", "tq2_0",
+)
+
+# Tokens past a LongRoPE model's original context at which the fidelity gate reports the
+# long-factor model (one KV-cache block: llama.cpp picks the factors by the context alone).
+LONG_CONTEXT_PROBE = 256

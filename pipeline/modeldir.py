@@ -77,3 +77,46 @@ def folder_problems(path: Path) -> list[str]:
         problems.append(f"model.base: {path} has no .safetensors weights (pickled .bin weights are not loaded)")
     problems += [p for p in map(safetensors_problem, weights) if p]
     return problems
+
+
+def tensor_names(files: list[Path]) -> set[str] | None:
+    """The tensor names a model's weights hold, from its shard index or its safetensors headers.
+
+    Input: the model's `model.safetensors.index.json` (its weight_map keys are read) or its
+    `.safetensors` files (only their JSON headers are read). Output: the names, or None when
+    none of the files can be read (absent, pointer, damaged: folder_problems names those).
+    """
+    names: set[str] = set()
+    for path in files:
+        try:
+            if path.name == SAFETENSORS_INDEX:
+                names |= set(json.loads(path.read_text(encoding="utf-8"))["weight_map"])
+                continue
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                names |= {k for k in json.loads(f.read(n)) if k != "__metadata__"}
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            continue
+    return names or None
+
+
+def context_lengths(folder: Path) -> tuple[int, int] | None:
+    """(original context, max positions) from a model folder's config.json, or None when it
+    has none or it does not say (config_context_lengths)."""
+    try:
+        hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # folder_problems names an unreadable config.json
+    return config_context_lengths(hf)
+
+
+def config_context_lengths(hf: dict) -> tuple[int, int] | None:
+    """(original context, max positions) of a parsed config.json, or None when it does not say.
+    The original context is `original_max_position_embeddings` (LongRoPE models such as
+    Phi-3.5: 4096 of 131072), else `max_position_embeddings`."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    longest = hf.get("max_position_embeddings")
+    original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or longest
+    if not isinstance(original, int) or not isinstance(longest, int):
+        return None
+    return original, longest

@@ -10,12 +10,13 @@ Modelfile and registration.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from .artifacts import write_if_changed
 from .config import STAGE_INPUTS, Config, stage_inputs_json
 from .integrity import sweep
-from .ollama import MODELFILES, primary_quantization
+from .ollama import MODELFILES, primary_quantization, stamp_follows_server
 
 # Files of a local base model whose change means training must run again.
 BASE_FILE_PATTERNS = ("config.json", "*.safetensors", "tokenizer*", "*.jinja", "generation_config.json")
@@ -67,9 +68,13 @@ def write_plan(cfg: Config) -> Path:
     """Write the stage stamps and plan.mk (only what changed); return plan.mk's path.
 
     First removes any artifact of the run that no longer matches what its stage
-    recorded (integrity.sweep), so that Make rebuilds it instead of using it.
+    recorded (integrity.sweep), so that Make rebuilds it instead of using it, and the Ollama
+    stamp when the server no longer has the registered model (ollama.stamp_follows_server).
     """
     sweep(cfg)
+    followed = stamp_follows_server(cfg)
+    if followed:
+        print(followed, file=sys.stderr)
     for stage in STAGE_INPUTS:
         write_if_changed(stamp_path(cfg, stage), stage_inputs_json(cfg, stage))
     lines = ["# Written by `python -m pipeline plan`: artifact paths of this run, for pipeline.mk."]

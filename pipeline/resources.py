@@ -25,7 +25,9 @@ from pathlib import Path
 from huggingface_hub import try_to_load_from_cache
 
 from .config import Config
+from .constants import LONG_CONTEXT_PROBE
 from .errors import PipelineError
+from .modeldir import config_context_lengths
 
 GB = 1e9
 # The interpreter with torch, transformers, PEFT and bitsandbytes imported: measured
@@ -64,11 +66,14 @@ class Shape:
     intermediate: int
     vocab: int
     tied: bool
+    context: int = 4096  # the original context (original_max_position_embeddings, else max positions)
 
     @classmethod
     def of(cls, config: dict) -> Shape:
+        lengths = config_context_lengths(config)
         return cls(int(config["num_hidden_layers"]), int(config["hidden_size"]), int(config["intermediate_size"]),
-                   int(config["vocab_size"]), bool(config.get("tie_word_embeddings", False)))
+                   int(config["vocab_size"]), bool(config.get("tie_word_embeddings", False)),
+                   lengths[0] if lengths else 4096)
 
     @property
     def layer_params(self) -> int:
@@ -106,6 +111,16 @@ def model_shape(cfg: Config, stage: str) -> Shape | None:
         return None
 
 
+def served_gate_memory(cfg: Config, shape: Shape) -> float:
+    """What the convert and quantize gates allocate in llama.cpp at the served context
+    (fidelity.gate_contexts): the F16 KV cache (K and V of every layer, at most hidden wide) and
+    the bindings' float32 logits for every position. The GGUF itself is mapped, not counted."""
+    if not cfg.fidelity.enabled:
+        return 0.0
+    ctx = min(cfg.served_context, shape.context + LONG_CONTEXT_PROBE)
+    return ctx * shape.layers * shape.hidden * 2 * 2 + ctx * shape.vocab * 4
+
+
 def stage_needs(cfg: Config, stage: str, shape: Shape | None = None) -> Need:
     """Estimated peak anonymous memory and extra disk of `stage` (train, fuse, convert, imatrix, quantize)."""
     shape = shape or model_shape(cfg, stage)
@@ -135,14 +150,15 @@ def stage_needs(cfg: Config, stage: str, shape: Shape | None = None) -> Need:
         out = shape.params * BYTES[cfg.gguf.outtype]
         layers = min(shape.layers, cfg.fidelity.f32_slice_layers)
         sliced = (layers * layer + table * (1 if shape.tied else 2)) * (2 + 4)  # slice folder + its f32 GGUF
-        # the converter holds a tensor in float32 and its conversion; llama.cpp's buffers are small
-        return Need(RUNTIME + max(layer, table) * 6,
+        # the converter holds a tensor in float32 and its conversion; then the gate's llama.cpp
+        return Need(RUNTIME + max(max(layer, table) * 6, served_gate_memory(cfg, shape)),
                     max(out, sliced if cfg.fidelity.compare_f32 else 0))
     if stage == "imatrix":
         ctx = cfg.gguf.imatrix.ctx
         return Need(RUNTIME + ctx * shape.layers * shape.hidden * 2 * 2 + ctx * shape.vocab * 4 * 2, 64 * 2**20)
     if stage == "quantize":
-        return Need(RUNTIME + max(layer, table) * 4 * 3, shape.params * QUANT_BPW / 8)
+        return Need(RUNTIME + max(max(layer, table) * 4 * 3, served_gate_memory(cfg, shape)),
+                    shape.params * QUANT_BPW / 8)
     raise ValueError(f"no estimate for stage {stage!r}")
 
 

@@ -70,7 +70,29 @@ BAD = [
     ({"gguf": {"outtype": "q4_k_m"}}, "gguf.outtype: Input should be"),
     ({"fuse": {"dtype": "fp8"}}, "fuse.dtype: Input should be"),
     ({"run": {"name": "../escape"}}, "run.name: String should match pattern"),
-    ({"ollama": {"model": "Has Spaces"}}, "ollama.model: String should match pattern"),
+    ({"ollama": {"model": "Has Spaces"}}, "ollama.model: 'Has Spaces' is not a name Ollama accepts"),
+    # Ollama's own rules (types/model/name.go, internal/modelref/modelref.go), looser or stricter than a regex
+    ({"ollama": {"model": "my.team/agiasi"}}, "ollama.model: 'my.team/agiasi' is not a name Ollama accepts"),
+    ({"ollama": {"model": "agiasi:v1:x"}}, "ollama.model: 'agiasi:v1:x' is not a name"),
+    ({"ollama": {"model": "agiasi:cloud"}}, "ollama.model: 'agiasi:cloud' is the suffix ':cloud'"),
+    ({"ollama": {"model": "agiasi:v1-cloud"}}, "cloud/local model reference"),
+    ({"ollama": {"model": "-agiasi"}}, "ollama.model: '-agiasi' is not a name"),
+    # parameters against Ollama's option table (api/types.go Options)
+    ({"ollama": {"parameters": {"num_ctx": "4096"}}}, "ollama.parameters.num_ctx: must be an integer, not str"),
+    ({"ollama": {"parameters": {"num_ctx": 2048.5}}}, "ollama.parameters.num_ctx: must be an integer"),
+    ({"ollama": {"parameters": {"temprature": 0.7}}}, "ollama.parameters.temprature: unknown parameter"),
+    ({"ollama": {"parameters": {"temperature": -1}}}, "ollama.parameters.temperature: must be >= 0"),
+    ({"ollama": {"parameters": {"top_p": 1.5}}}, "ollama.parameters.top_p: must be <= 1"),
+    ({"ollama": {"parameters": {"use_mmap": "yes"}}}, "ollama.parameters.use_mmap: must be true or false"),
+    ({"ollama": {"parameters": {"stop": ["<|end|>"]}}}, "ollama.parameters.stop: the stops come from the chat format"),
+    ({"ollama": {"parameters": {"num_gpu": -2}}}, "ollama.parameters.num_gpu: must be >= -1"),
+    ({"ollama": {"system": 'a"""b'}}, 'ollama.system: must not contain """'),
+    ({"ollama": {"template": '{{ .Prompt }}"""', "stop": ["<|end|>"]}}, 'ollama.template: must not contain """'),
+    # the tiny base's config.json: original_max_position_embeddings = max_position_embeddings = 4096
+    ({"ollama": {"parameters": {"num_ctx": 8192}}}, "ollama.parameters.num_ctx: 8192 is above the model's max_position"),
+    ({"gguf": {"output_tensor_type": "q4_k_m"}}, "gguf.output_tensor_type: 'q4_k_m' is not a ggml type"),
+    ({"train": {"lora": {"target_modules": ["qkv_proj", "q_proj"]}}},
+     "train.lora.target_modules: 'q_proj' is no module of the base (model.safetensors); its modules: "),
 ]
 
 
@@ -147,3 +169,44 @@ def test_stage_stamps_depend_only_on_their_keys(tiny_phi3_dir, tmp_path):
     changed = {s for s in ("train", "fuse", "convert", "modelfile", "register")
                if stage_inputs_json(a, s) != stage_inputs_json(b, s)}
     assert changed == {"modelfile"}
+
+
+def test_ollama_rules_accept_what_ollama_accepts(tiny_phi3_dir, tmp_path):
+    good = {"ollama": {"model": "Agiasi_Borea-3.5:v1.0", "allow_long_context": False,
+                       "parameters": {"num_ctx": 4096, "temperature": 1, "use_mmap": True, "top_p": 0.9}},
+            "gguf": {"output_tensor_type": "Q8_0"},
+            "train": {"lora": {"target_modules": ["self_attn.qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}}}
+    cfg = load_config(write_config(tmp_path / "c.yaml", small_config(tiny_phi3_dir, tmp_path / "b", **good)))
+    assert cfg.served_context == 4096
+
+
+def test_served_context_is_num_ctx_or_the_default(tiny_phi3_dir, tmp_path):
+    raw = small_config(tiny_phi3_dir, tmp_path / "b")
+    raw["ollama"]["parameters"].pop("num_ctx")
+    assert load_config(write_config(tmp_path / "c.yaml", raw)).served_context == 4096
+    raw["ollama"]["parameters"]["num_ctx"] = 1024
+    assert load_config(write_config(tmp_path / "c.yaml", raw)).served_context == 1024
+
+
+def test_num_ctx_above_the_original_context_needs_allow_long_context(tiny_phi3_dir, tmp_path):
+    """A Phi-3.5-shaped config.json (LongRoPE: 4096 original of 131072 positions) in fused/,
+    which is read before the base: 8192 is refused, then accepted with allow_long_context."""
+    raw = small_config(tiny_phi3_dir, tmp_path / "b", ollama={"parameters": {"num_ctx": 8192}})
+    fused = tmp_path / "b" / "t" / "fused"
+    fused.mkdir(parents=True)
+    hf = json.loads((tiny_phi3_dir / "config.json").read_text())
+    (fused / "config.json").write_text(json.dumps({**hf, "max_position_embeddings": 131072}))
+    problems = problems_of(tmp_path, raw)
+    assert any("num_ctx: 8192 is above the model's original context 4096" in p
+               and "allow_long_context" in p for p in problems), problems
+    raw["ollama"]["allow_long_context"] = True
+    assert load_config(write_config(tmp_path / "c.yaml", raw)).served_context == 8192
+    long = load_config(write_config(tmp_path / "c.yaml", raw))
+    raw["ollama"]["parameters"]["num_ctx"] = 4096
+    short = load_config(write_config(tmp_path / "c4.yaml", raw))
+    # the gates ran at another model's context: convert and quantize run again, train and fuse do not
+    changed = {s for s in ("train", "fuse", "convert", "quantize", "modelfile")
+               if stage_inputs_json(long, s) != stage_inputs_json(short, s)}
+    assert changed == {"convert", "quantize", "modelfile"}
+    raw["ollama"]["parameters"]["num_ctx"] = 262144
+    assert any("above the model's max_position_embeddings 131072" in p for p in problems_of(tmp_path, raw))

@@ -82,3 +82,73 @@ def test_compare_measures_what_it_says():
     assert shifted.kl == pytest.approx(0, abs=1e-12) and shifted.max_abs == pytest.approx(3.0)
     other = compare([a], [-a])
     assert other.kl > 0.1 and other.top1 < 0.5
+
+
+# -- the convert gate at the context Ollama will allocate (ollama.parameters.num_ctx) ------------------
+@pytest.fixture(scope="module")
+def phi35_base(tmp_path_factory):
+    """Phi-3.5-mini's real config (LongRoPE: original context 4096 of 131072) at a small width."""
+    from pipeline.phi35 import build_phi35_shaped
+
+    return build_phi35_shaped(tmp_path_factory.mktemp("phi35") / "phi35", num_hidden_layers=2)
+
+
+def phi35_config(phi35_base, tmp_path, **ollama):
+    raw = small_config(phi35_base, tmp_path / "b", ollama={"parameters": {"num_ctx": 4096}, **ollama})
+    raw["train"]["lora"]["target_modules"] = ["qkv_proj", "o_proj"]
+    return raw
+
+
+def convert_gated(cfg, phi35_base, tmp_path):
+    """The converter run as make runs it: the GGUF is kept only if check_converted passes."""
+    from pipeline import llamacpp
+
+    try:
+        llamacpp.load_bindings()
+    except llamacpp.ToolchainError as e:
+        pytest.skip(f"pinned llama.cpp not built ({e})")
+    out = tmp_path / "p-f16.gguf"
+    llamacpp.convert_hf_to_gguf(phi35_base, out, "f16", model_name="phi35-shaped",
+                                check=lambda tmp: check_converted(cfg, phi35_base, tmp))
+    report = json.loads((cfg.run_dir / "reports" / "fidelity.json").read_text())
+    return out, report, (cfg.run_dir / "reports" / "fidelity.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_convert_gate_runs_llama_cpp_at_the_served_context(phi35_base, tmp_path):
+    """num_ctx 4096, Phi-3.5's original context: the GGUF runs in a 4096-token context (short
+    RoPE factors, as Ollama runs it) and passes; no long-context row."""
+    cfg = load_config(write_config(tmp_path / "c.yaml", phi35_config(phi35_base, tmp_path)))
+    assert cfg.served_context == 4096
+    out, report, _ = convert_gated(cfg, phi35_base, tmp_path)
+    assert out.exists()
+    assert report["convert"]["passed"] and report["convert"]["n_ctx"] == 4096
+    assert report["convert"]["kl"] < cfg.fidelity.max_kl_converted
+    assert "(n_ctx 4096)" in report["convert"]["candidate"] and "convert:long-context" not in report
+
+
+def test_a_num_ctx_above_the_original_context_is_refused(phi35_base, tmp_path):
+    from pipeline.config import ConfigError
+
+    raw = phi35_config(phi35_base, tmp_path, parameters={"num_ctx": 8192})
+    with pytest.raises(ConfigError, match=r"ollama.parameters.num_ctx: 8192 is above the model's original "
+                                          r"context 4096 .*Allowed: 1 to 4096.*allow_long_context: true"):
+        load_config(write_config(tmp_path / "c.yaml", raw))
+
+
+@pytest.mark.slow
+def test_allow_long_context_reports_the_long_factor_model(phi35_base, tmp_path):
+    """num_ctx 8192 with allow_long_context: the gate still checks the conversion at 4096, and the
+    model Ollama will run (llama.cpp switches to the long factors above 4096) is reported in
+    fidelity.md with its KL against the trained model; it is far off, and says so, without failing."""
+    raw = phi35_config(phi35_base, tmp_path, parameters={"num_ctx": 8192}, allow_long_context=True)
+    cfg = load_config(write_config(tmp_path / "c.yaml", raw))
+    assert cfg.served_context == 8192
+    out, report, md = convert_gated(cfg, phi35_base, tmp_path)
+    assert out.exists() and report["convert"]["passed"] and report["convert"]["n_ctx"] == 4096
+    long = report["convert:long-context"]
+    assert long["enforced"] is False and long["n_ctx"] > 4096 and long["served_context"] == 8192
+    # the long factors make another model: orders of magnitude from the conversion's own rounding
+    assert long["kl"] > 100 * max(report["convert"]["kl"], 1e-9)
+    row = next(line for line in md.splitlines() if line.startswith("| convert:long-context"))
+    assert "reported only (ollama.allow_long_context)" in row

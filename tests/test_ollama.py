@@ -1,12 +1,10 @@
-"""The Modelfile and registration (the ollama CLI itself is stood in for by a script
-here: these tests check what we hand to Ollama, not Ollama)."""
+"""The Modelfile and registration, against tests/ollama_contract.py: a server that behaves as
+Ollama's source says (these tests check what we hand to Ollama, not Ollama itself)."""
 from __future__ import annotations
 
-import hashlib
 import http.server
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -16,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, small_config, write_config
+from ollama_contract import FakeOllama
 from pipeline.config import load_config
 from pipeline.errors import OllamaError
 from pipeline.ollama import register, render_modelfile, write_modelfile
@@ -40,11 +39,9 @@ def test_modelfile_has_template_stops_system_and_parameters(cfg):
     assert 'TEMPLATE """' in text and "<|{{ .Role }}|>" in text and "<|assistant|>" in text
 
 
-def test_unknown_family_and_bad_system_prompt(cfg):
+def test_unknown_family(cfg):
     with pytest.raises(OllamaError, match="ollama.family: no template gemma.Modelfile"):
         render_modelfile(cfg.model_copy(update={"ollama": cfg.ollama.model_copy(update={"family": "gemma"})}))
-    with pytest.raises(OllamaError, match='ollama.system: must not contain """'):
-        render_modelfile(cfg.model_copy(update={"ollama": cfg.ollama.model_copy(update={"system": 'a"""b'})}))
 
 
 def without_ollama_env(tmp_path) -> dict:
@@ -66,73 +63,15 @@ def test_register_without_ollama_says_how_to_get_it(cfg, tmp_path):
     assert status.returncode == 3 and "Ollama is not available" in status.stdout
 
 
-class FakeOllama(http.server.BaseHTTPRequestHandler):
-    """A contract test of our REST client, not of Ollama: the endpoints as Ollama
-    documents them, and the blob digest check Ollama makes on upload."""
-
-    blobs: dict[str, bytes] = {}
-    models: dict[str, dict] = {}
-    calls: list[str] = []
-    done_reason = "stop"
-    answer = "こんにちは。私はアシスタントです。"
-
-    def _reply(self, status: int, body: dict | None = None):
-        data = json.dumps(body or {}).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def _body(self) -> bytes:
-        return self.rfile.read(int(self.headers.get("Content-Length", 0)))
-
-    def do_GET(self):  # noqa: N802
-        self.calls.append(f"GET {self.path}")
-        self._reply(200, {"version": "0.0.0-contract"}) if self.path == "/api/version" else self._reply(404)
-
-    def do_HEAD(self):  # noqa: N802
-        self.calls.append(f"HEAD {self.path}")
-        digest = self.path.rsplit("/", 1)[-1]
-        self._reply(200 if digest in self.blobs else 404)
-
-    def do_POST(self):  # noqa: N802
-        self.calls.append(f"POST {self.path}")
-        body = self._body()
-        if self.path.startswith("/api/blobs/"):
-            digest = self.path.rsplit("/", 1)[-1]
-            if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
-                return self._reply(400, {"error": "digest mismatch"})
-            self.blobs[digest] = body
-            return self._reply(201)
-        req = json.loads(body)
-        if self.path == "/api/create":
-            missing = [d for d in req["files"].values() if d not in self.blobs]
-            if missing:
-                return self._reply(400, {"error": f"blob not found: {missing[0]}"})
-            self.models[req["model"]] = req
-            return self._reply(200, {"status": "success"})
-        if self.path == "/api/chat":
-            if req["model"] not in self.models and not shutil.which("ollama"):
-                return self._reply(404, {"error": "model not found"})
-            return self._reply(200, {"message": {"role": "assistant", "content": self.answer},
-                                     "done": True, "done_reason": self.done_reason})
-        self._reply(404)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def fake_ollama(monkeypatch):
-    FakeOllama.blobs, FakeOllama.models, FakeOllama.calls = {}, {}, []
-    FakeOllama.done_reason, FakeOllama.answer = "stop", "こんにちは。私はアシスタントです。"
+    FakeOllama.reset()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeOllama)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{server.server_port}")
     yield FakeOllama
     server.shutdown()
+    FakeOllama.reset()
 
 
 @pytest.fixture
@@ -160,8 +99,9 @@ def test_register_through_the_rest_api_uploads_once_and_proves_the_model(built, 
     stamp = json.loads(register(built).read_text())
     digest = "sha256:" + stamp["gguf_sha256"]
     assert list(fake_ollama.blobs) == [digest]
-    req = fake_ollama.models[built.ollama.model]
+    req = fake_ollama.models[f"{built.ollama.model}:latest"]
     assert req["files"] == {"t-q4_k_m.gguf": digest}
+    assert stamp["server_digest"] == req["digest"]
     assert req["template"].startswith("{{- range $i, $_ := .Messages }}")
     assert req["parameters"]["stop"] == STOPS and req["parameters"]["num_ctx"] == 2048
     assert req["system"] == built.ollama.system
@@ -208,38 +148,9 @@ def test_family_spec_matches_the_modelfile(cfg):
     assert stops == STOPS and f'TEMPLATE """{template}"""' in render_modelfile(cfg)
 
 
-@pytest.fixture
-def stand_in_cli(tmp_path, monkeypatch, fake_ollama):
-    """An `ollama` script that logs its call (the server side is fake_ollama)."""
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    log = tmp_path / "ollama-calls.jsonl"
-    script = bindir / "ollama"
-    script.write_text(
-        f"#!{sys.executable}\n"
-        "import json, os, sys\n"
-        "mf = open(sys.argv[-1]).read()\n"
-        "src = [l.split(' ', 1)[1] for l in mf.splitlines() if l.startswith('FROM ')][0]\n"
-        f"open({str(log)!r}, 'a').write(json.dumps({{'argv': sys.argv[1:], 'cwd': os.getcwd(),\n"
-        "    'from_exists': os.path.isfile(src), 'host': os.environ.get('OLLAMA_HOST')}) + '\\n')\n"
-    )
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
-    return log
-
-
-def test_register_uses_the_ollama_cli_when_installed(built, stand_in_cli):
-    stamp = json.loads(register(built).read_text())
-    call = json.loads(stand_in_cli.read_text().splitlines()[0])
-    assert call["argv"] == ["create", built.ollama.model, "-f", "Modelfile"]
-    assert Path(call["cwd"]) == built.modelfile_path.parent and call["from_exists"]
-    assert call["host"].startswith("http://127.0.0.1:")
-    assert stamp["model"] == built.ollama.model and len(stamp["gguf_sha256"]) == 64
-
-
-@pytest.mark.skipif(shutil.which("ollama") is None, reason="no `ollama` on PATH: the real end-to-end test needs one")
+@pytest.mark.skipif(not os.environ.get("OLLAMA_HOST"), reason="OLLAMA_HOST unset: the real end-to-end test needs one")
 def test_real_ollama_registers_answers_and_stops(built):
-    """Against a real Ollama (OLLAMA_HOST or the default): create, chat, stop."""
+    """Against a real Ollama at OLLAMA_HOST: create, chat, stop."""
     from pipeline.ollama import unavailable_reason
 
     reason = unavailable_reason()
@@ -304,3 +215,238 @@ def test_custom_template_needs_its_stops(tiny_phi3_dir, tmp_path):
     bad = small_config(tiny_phi3_dir, tmp_path / "b", ollama={"template": "{{ .Prompt }}"})
     with pytest.raises(ConfigError, match="ollama.template and ollama.stop go together"):
         load_config(write_config(tmp_path / "c.yaml", bad))
+
+
+# -- OLLAMA_HOST: envconfig/config.go Host, with the cases of envconfig/config_test.go TestHost ----------
+HOST_CASES = {
+    "": "http://127.0.0.1:11434", "1.2.3.4": "http://1.2.3.4:11434", ":1234": "http://:1234",
+    "1.2.3.4:1234": "http://1.2.3.4:1234", "example.com": "http://example.com:11434",
+    "example.com:1234": "http://example.com:1234", ":0": "http://:0", ":66000": "http://:11434",
+    ":-1": "http://:11434", "[::1]": "http://[::1]:11434", "[::]": "http://[::]:11434",
+    "::1": "http://[::1]:11434", "[::1]:1337": "http://[::1]:1337", " 1.2.3.4 ": "http://1.2.3.4:11434",
+    '"1.2.3.4"': "http://1.2.3.4:11434", ' " 1.2.3.4 " ': "http://1.2.3.4:11434",
+    "'1.2.3.4'": "http://1.2.3.4:11434", "http://1.2.3.4": "http://1.2.3.4:80",
+    "http://1.2.3.4:4321": "http://1.2.3.4:4321", "https://1.2.3.4": "https://1.2.3.4:443",
+    "https://1.2.3.4:4321": "https://1.2.3.4:4321", "https://example.com/ollama": "https://example.com:443/ollama",
+    "ollama.com": "https://ollama.com:443",
+    # beyond TestHost, from the same code: a proxy path on http, bare host:port in a container
+    "http://proxy/ollama": "http://proxy:80/ollama", "host.docker.internal:11434": "http://host.docker.internal:11434",
+    "0.0.0.0": "http://0.0.0.0:11434",
+}
+
+
+@pytest.mark.parametrize("value,want", HOST_CASES.items(), ids=[repr(k) for k in HOST_CASES])
+def test_ollama_host_is_parsed_as_envconfig_host(value, want, monkeypatch):
+    from pipeline.ollama import ollama_host
+    from pipeline.ollama_rules import parse_host
+
+    assert parse_host(value) == want
+    monkeypatch.setenv("OLLAMA_HOST", value)
+    assert ollama_host() == want  # what the client and every message use
+
+
+# envconfig/config_test.go TestConnectableHost, all its cases; then two of ours: Go's net.Dial takes an
+# empty host (":1234") as the local system, and a path prefix is kept
+CONNECT_CASES = {
+    "": "http://127.0.0.1:11434", "127.0.0.1": "http://127.0.0.1:11434", "127.0.0.1:1234": "http://127.0.0.1:1234",
+    "0.0.0.0": "http://127.0.0.1:11434", "0.0.0.0:1234": "http://127.0.0.1:1234", "[::]": "http://[::1]:11434",
+    "[::]:1234": "http://[::1]:1234", "[::1]": "http://[::1]:11434", "[::1]:1234": "http://[::1]:1234",
+    "192.168.1.5": "http://192.168.1.5:11434", "192.168.1.5:8080": "http://192.168.1.5:8080",
+    "example.com": "http://example.com:11434", "example.com:1234": "http://example.com:1234",
+    "https://0.0.0.0:4321": "https://127.0.0.1:4321",
+    ":1234": "http://127.0.0.1:1234", "https://example.com/ollama": "https://example.com:443/ollama",
+}
+
+
+@pytest.mark.parametrize("value,want", CONNECT_CASES.items(), ids=[repr(k) for k in CONNECT_CASES])
+def test_the_client_connects_where_ollama_connects(value, want, monkeypatch):
+    from pipeline.ollama import OllamaClient
+
+    monkeypatch.setenv("OLLAMA_HOST", value)
+    assert OllamaClient().base == want
+
+
+def test_a_path_prefix_reaches_the_server(built, fake_ollama, monkeypatch):
+    """OLLAMA_HOST=http://127.0.0.1:PORT/ollama: requests go to /ollama/api/... (api/client.go JoinPath)."""
+    from pipeline.ollama import OllamaClient
+
+    port = os.environ["OLLAMA_HOST"].rsplit(":", 1)[1]
+    monkeypatch.setenv("OLLAMA_HOST", f"http://127.0.0.1:{port}/ollama")
+    with pytest.raises(OllamaError):
+        OllamaClient().version()  # the contract server has no /ollama prefix: 404, not a wrong port
+    assert fake_ollama.calls[-1] == "GET /ollama/api/version"
+
+
+# -- model names: types/model/name_test.go testCases (ParseNameBare(s).IsValid()) --------------------------
+NAME_CASES = {
+    "": False, "_why/_the/_lucky:_stiff": True, "h/n/m:t": True, "host/namespace/model:tag": True,
+    "host/namespace/model": False, "namespace/model": False, "model": False, "h/nn/mm:t": True,
+    "m": False, "n/m:": False, "h/n/m": False, "@t": False, "m@d": False, "^": False, "mm:": False,
+    "/nn/mm": False, "//": False, "//mm": False, "hh//": False, "//mm:@": False, "00@": False, "@": False,
+    "-hh/nn/mm:tt": False, "hh/-nn/mm:tt": False, "hh/nn/-mm:tt": False, "hh/nn/mm:-tt": False,
+    "host:https/namespace/model:tag": True, "host/name:space/model:tag": False,
+    "8" * 80 + "/" + "8" * 80 + "/" + "8" * 80 + ":" + "8" * 80: True,
+    "3" * 350 + "/" + "8" * 80 + "/" + "8" * 80 + ":" + "8" * 80: True,
+}
+
+
+@pytest.mark.parametrize("name,valid", NAME_CASES.items(), ids=[n[:20] or "empty" for n in NAME_CASES])
+def test_model_names_follow_types_model_name(name, valid):
+    from pipeline.ollama_rules import name_is_valid, parse_name_bare
+
+    assert name_is_valid(parse_name_bare(name)) is valid
+
+
+def test_display_shortest_is_how_tags_lists_a_model():
+    from pipeline.ollama_rules import display_shortest, name_problem
+
+    assert display_shortest("agiasi-borea") == "agiasi-borea:latest"
+    assert display_shortest("me/agiasi:v1") == "me/agiasi:v1"
+    assert display_shortest("example.com/me/agiasi") == "example.com/me/agiasi:latest"
+    assert name_problem("agiasi-borea") is None and name_problem("Agiasi.Borea:3.5") is None
+    assert name_problem("agiasi borea") and name_problem("agiasi:cloud") and name_problem("x:y-cloud")
+
+
+# -- one registration path, the same chat format on it ----------------------------------------------
+@pytest.fixture
+def failing_cli(tmp_path, monkeypatch):
+    """An `ollama` on PATH that fails if called: registration must not use it."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    script = bindir / "ollama"
+    script.write_text("#!/bin/sh\necho 'the CLI was called' >&2\nexit 9\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+
+
+def reconfigured(cfg, tmp_path, **ollama):
+    raw = small_config(cfg.resolve(cfg.model.base), Path(cfg.run_dir).parent, ollama=ollama)
+    new = load_config(write_config(tmp_path / "c2.yaml", raw))
+    write_modelfile(new)
+    return new
+
+
+CUSTOM = "{{ range .Messages }}<|{{ .Role }}|>{{ .Content }}<|end|>{{ end }}<|assistant|>"
+
+
+def test_custom_template_stops_and_unprintable_runes_reach_the_server(built, fake_ollama, failing_cli, tmp_path):
+    """REST only, even with an `ollama` CLI on PATH; the config's TEMPLATE, stops and a system
+    prompt holding U+3000, U+00A0 and U+200B arrive as configured (parser/parser.go would drop them)."""
+    system = "丁寧に\u3000答えて\u00a0ください\u200b。"
+    cfg = reconfigured(built, tmp_path, template=CUSTOM, stop=STOPS[::-1], system=system,
+                       parameters={"temperature": 1, "num_ctx": 2048})
+    register(cfg)
+    req = fake_ollama.models["agiasi-demo:latest"]
+    assert req["template"] == CUSTOM and req["system"] == system
+    assert req["parameters"] == {"temperature": 1.0, "num_ctx": 2048, "stop": STOPS[::-1]}
+    assert isinstance(req["parameters"]["temperature"], float)  # api/types.go: float32 field
+    assert fake_ollama.last_prompt.startswith(f"<|system|>{system}<|end|><|user|>")
+    text = cfg.modelfile_path.read_text(encoding="utf-8")
+    assert f'TEMPLATE """{CUSTOM}"""' in text and f'SYSTEM """{system}"""' in text
+    assert "PARAMETER temperature 1.0" in text and "PARAMETER num_ctx 2048" in text
+
+
+def test_the_modelfile_always_sets_num_ctx(built, tmp_path, fake_ollama):
+    raw = small_config(built.resolve(built.model.base), Path(built.run_dir).parent)
+    raw["ollama"]["parameters"].pop("num_ctx")
+    cfg = load_config(write_config(tmp_path / "c3.yaml", raw))
+    assert "PARAMETER num_ctx 4096" in render_modelfile(cfg).splitlines()
+    from pipeline.ollama import create_parameters
+
+    assert create_parameters(cfg)["num_ctx"] == cfg.served_context == 4096
+
+
+def test_what_the_server_stores_passes_from_map(built, fake_ollama, no_ollama_cli):
+    """A chat runs the stored parameters through Options.FromMap; the contract server refuses
+    a string for a number as Ollama does, and ours never sends one."""
+    from ollama_contract import from_map
+
+    assert from_map({"num_ctx": "4096"}) == 'option "num_ctx" must be of type integer'
+    assert from_map({"temprature": "x"}) is None  # unknown: dropped with a log line only
+    register(built)
+    assert from_map(fake_ollama.models["agiasi-demo:latest"]["parameters"]) is None
+
+
+# -- failure messages -------------------------------------------------------------------------
+def test_a_repeat_abort_is_named(built, fake_ollama, no_ollama_cli):
+    fake_ollama.repeat_abort = True
+    with pytest.raises(OllamaError, match="repeats one token more than 30 times") as e:
+        register(built)
+    assert "None" not in str(e.value) and not built.ollama_stamp.exists()
+
+
+def test_an_old_server_is_named(built, fake_ollama, no_ollama_cli):
+    fake_ollama.version = "0.5.4"
+    with pytest.raises(OllamaError, match=r"Ollama 0.5.4 at .* is too old.*0.5.5"):
+        register(built)
+    fake_ollama.version = "0.0.0"  # a development build: not judged by its number
+    register(built)
+
+
+def test_a_timeout_is_not_a_missing_server(built, fake_ollama):
+    """A server that accepts the request but answers late: a timeout, not "no server answers"."""
+    import socket
+
+    from pipeline.ollama import NoServerError, OllamaClient, OllamaTimeout
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # accepts connections, never answers
+    try:
+        client = OllamaClient(host=f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.5)
+        with pytest.raises(OllamaTimeout, match="did not finish creating x within 0 s.*make ollama"):
+            client.create("x", {}, "", "", {})
+    finally:
+        silent.close()
+    with pytest.raises(NoServerError, match="no Ollama server answers"):
+        OllamaClient(host="http://127.0.0.1:9").create("x", {}, "", "", {})
+
+
+def test_the_stamp_follows_the_server(built, fake_ollama, no_ollama_cli, monkeypatch, capsys):
+    """After `ollama rm` (or another OLLAMA_HOST), plan removes the stamp so make registers again;
+    ollama-run then says the model is gone instead of a bare 404; with no server the stamp stays."""
+    from pipeline.ollama import ModelNotFound, ask
+    from pipeline.plan import write_plan
+
+    register(built)
+    write_plan(built)
+    assert built.ollama_stamp.exists()  # the server still has it, same digest
+    del fake_ollama.models["agiasi-demo:latest"]
+    with pytest.raises(ModelNotFound, match="has no model agiasi-demo.*make ollama"):
+        ask(built, "こんにちは")
+    port = os.environ["OLLAMA_HOST"]
+    monkeypatch.setenv("OLLAMA_HOST", "127.0.0.1:9")
+    register_again = json.loads(built.ollama_stamp.read_text())
+    write_plan(built)
+    assert built.ollama_stamp.exists() and "keeping ollama.json" in capsys.readouterr().err
+    monkeypatch.setenv("OLLAMA_HOST", port)
+    write_plan(built)
+    assert not built.ollama_stamp.exists() and "has no model agiasi-demo" in capsys.readouterr().err
+    register(built)
+    assert json.loads(built.ollama_stamp.read_text()) == register_again
+    # created again with another system prompt elsewhere: another digest, re-registered
+    fake_ollama.models["agiasi-demo:latest"]["digest"] = "0" * 64
+    write_plan(built)
+    assert not built.ollama_stamp.exists() and "with digest 000000000000" in capsys.readouterr().err
+
+
+def test_the_contract_server_rejects_what_ollama_rejects(built, fake_ollama):
+    from pipeline.ollama import OllamaClient
+
+    client = OllamaClient()
+    digest = "sha256:" + "1" * 64
+    with pytest.raises(OllamaError, match="invalid model name"):
+        client.create("bad name", {"x.gguf": digest}, "", "", {})
+    for path in ("/abs/x.gguf", "../x.gguf", "a//x.gguf"):  # io/fs.ValidPath
+        with pytest.raises(OllamaError, match="file path must be relative"):
+            client.create("good", {path: digest}, "", "", {})
+    with pytest.raises(OllamaError, match="invalid digest format"):
+        client.create("good", {"x.gguf": ""}, "", "", {})
+    with pytest.raises(OllamaError, match="blob not found"):
+        client.create("good", {"x.gguf": digest}, "", "", {})
+    fake_ollama.blobs[digest] = b""
+    with pytest.raises(OllamaError, match="template error"):
+        client.create("good", {"x.gguf": digest}, "{{ range .Messages }}", "", {})
+    client.create("good", {"x.gguf": digest}, "{{ .Prompt }}", "", {"num_ctx": "4096"})
+    with pytest.raises(OllamaError, match='option "num_ctx" must be of type integer'):
+        client.chat("good", [{"role": "user", "content": "hi"}], {})
