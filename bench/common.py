@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import yaml
 
 from pipeline.config import Config, load_config
@@ -33,3 +34,15 @@ def demo_config(tmp: Path, base: Path, **sections) -> Config:
 def demo_records() -> list[dict]:
     """The bundled Japanese chat lines as records (what the data stage reads from them)."""
     return [rec for _, rec in read_jsonl(DEMO_DATA)]
+
+
+def train_step(model, opt, batch: dict, device: torch.device) -> None:
+    """One optimizer step on a collated batch, as training takes it (bf16 autocast on CUDA)."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()

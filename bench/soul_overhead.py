@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import demo_config, demo_records  # noqa: E402
+from bench.common import demo_config, demo_records, train_step  # noqa: E402
 from pipeline.data.tokenize import collate, example_order, load_examples  # noqa: E402
 from pipeline.hf import load_causal_lm, load_tokenizer  # noqa: E402
 from pipeline.soul import SoulHead  # noqa: E402
@@ -43,17 +43,6 @@ def variant(base: Path, cfg, device, nf4: bool, with_soul: bool):
     assert isinstance(inner.lm_head, SoulHead) == with_soul
     params = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(params, lr=1e-4)
-
-
-def step(model, opt, batch, device):
-    batch = {k: v.to(device) for k, v in batch.items()}
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        loss = model(**batch).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -86,12 +75,12 @@ def main() -> None:
                 "lora": variant(base, cfg, device, args.nf4, False)}
         for batch in batches[: args.warmup]:
             for model, opt in runs.values():
-                step(model, opt, batch, device)
+                train_step(model, opt, batch, device)
         times: dict[str, list[float]] = {k: [] for k in runs}
         for i, batch in enumerate(batches[args.warmup:]):
             for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
                 t0 = time.perf_counter()
-                step(*runs[name], batch, device)
+                train_step(*runs[name], batch, device)
                 times[name].append(time.perf_counter() - t0)
 
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import demo_config, demo_records  # noqa: E402
+from bench.common import demo_config, demo_records, train_step  # noqa: E402
 from pipeline.data.tokenize import collate, load_examples, pack  # noqa: E402
 from pipeline.hf import load_causal_lm, load_tokenizer  # noqa: E402
 from pipeline.tiny import build_tiny_phi3  # noqa: E402
@@ -40,15 +40,8 @@ def batches_of(examples, batch: int, n: int) -> list[list]:
 
 def timed_step(model, opt, items, pad_id, device) -> tuple[float, int, int]:
     """One optimizer step; returns (seconds, trained tokens, real tokens)."""
-    batch = {k: v.to(device) for k, v in collate(items, pad_id).items()}
     t0 = time.perf_counter()
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        loss = model(**batch).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    train_step(model, opt, collate(items, pad_id), device)
     return time.perf_counter() - t0, sum(e.trained_tokens for e in items), sum(len(e.input_ids) for e in items)
 
 
