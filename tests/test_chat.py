@@ -12,7 +12,7 @@ from pipeline.chat import reply
 from pipeline.hf import load_trained
 
 METRIC_FIELDS = {"step", "phase", "alpha", "gate", "loss", "lm_loss", "ortho_error", "lr", "grad_norm",
-                 "tokens_per_s", "elapsed_s"}
+                 "tokens_per_s", "elapsed_s", "val_loss"}
 
 
 def test_load_trained_is_base_plus_adapter_plus_soul(trained_run):
@@ -48,4 +48,5 @@ def test_every_step_is_logged_with_all_fields(trained_run):
     rows = [json.loads(x) for x in (trained_run.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(set(r) == METRIC_FIELDS for r in rows)
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] >= 0 for r in rows)
+    assert rows[-1]["val_loss"] > 0  # the last step always evaluates the validation split
     assert [r["elapsed_s"] for r in rows] == sorted(r["elapsed_s"] for r in rows)

@@ -29,6 +29,7 @@ def files_under(folder):
 def test_training_refused_when_memory_is_clearly_short(tiny_phi3_dir, tmp_path):
     config = write_config(tmp_path / "c.yaml", small_config(tiny_phi3_dir, tmp_path / "b"))
     cfg = load_config(config)
+    assert cli("data", "--config", str(config)).returncode == 0  # what make runs before train
     before = files_under(cfg.run_dir)
     proc = cli("train", "--config", str(config), env={"AGIASI_MEMORY_LIMIT": str(10**6)})
     assert proc.returncode == 1, proc.stderr
