@@ -1,0 +1,230 @@
+"""The dashboard: one page that shows a run's training, build state, reports and audit log.
+
+    app.include_router(dashboard_router(cfg, audit_path))   # pipeline/serve.py does this
+
+Routes (all GET, JSON unless said):
+- `/`: the page (pipeline/ui/index.html); `/ui/{asset}`: its script and style, and the
+  chart library (uPlot) that `make ui` installs from the npm registry, pinned by
+  pipeline/ui/package-lock.json, into pipeline/ui/node_modules (never committed).
+- `/api/state`: what Make would build and why, read from Make itself: `make -n -k` on
+  pipeline.mk's targets, whose `announce` lines say "building X because Y changed" or
+  "because X does not exist". Each artifact of the plan (`<run>/plan.mk`, which that same
+  `make` run rewrites) is `stale` (with the inputs that changed), `missing`, or `current`
+  when Make would leave it alone. Nothing here judges freshness its own way.
+- `/api/metrics?after=N`: the rows of `<run>/metrics.jsonl` after step N (a half-written
+  last line waits for the next poll), with the phase schedule for the chart's shading.
+- `/api/reports`: `reports/fidelity.json` and `reports/eval.json` as their stages wrote them.
+- `/api/audit?tail=N`: the last N lines of the /think audit log (hashes and lengths only,
+  as pipeline/audit.py writes them).
+
+Errors: a file that cannot be read or parsed is reported in the answer (`error`, naming
+the file and line), never as a traceback; an unknown asset is a 404.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections import deque
+from pathlib import Path
+
+from fastapi import APIRouter, HTTPException, Query
+from fastapi.responses import FileResponse
+
+from .config import Config
+from .monitor import MetricsFollower, phase_spans
+
+REPO = Path(__file__).resolve().parent.parent
+UI_DIR = Path(__file__).resolve().parent / "ui"
+# The chart library, as `npm ci` lays it out (pipeline/ui/package.json pins it).
+NODE_MODULES = UI_DIR / "node_modules"
+ASSETS = {
+    "app.js": UI_DIR / "app.js",
+    "style.css": UI_DIR / "style.css",
+    "uPlot.iife.min.js": NODE_MODULES / "uplot" / "dist" / "uPlot.iife.min.js",
+    "uPlot.min.css": NODE_MODULES / "uplot" / "dist" / "uPlot.min.css",
+}
+MEDIA_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
+
+# pipeline.mk's goals, in the DAG's order, and each stage's artifacts by plan.mk variable.
+# QUANTIZED holds one artifact per quantization; PLOTS is one recipe writing both figures.
+PLAN_GOALS = ("data", "train", "fuse", "gguf", "modelfile", "ollama", "plots", "eval")
+STAGE_ARTIFACTS = (("data", "DATA_REPORT"), ("train", "CHECKPOINT"), ("fuse", "FUSED"),
+                   ("convert", "CONVERTED"), ("imatrix", "IMATRIX"), ("quantize", "QUANTIZED"),
+                   ("modelfile", "MODELFILE"), ("ollama", "OLLAMA_STAMP"), ("plots", "PLOTS"),
+                   ("eval", "EVAL_PASSED"))
+GROUPED = {"PLOTS"}
+# pipeline.mk's `announce`; `make -n` prints the echo command, quotes included.
+ANNOUNCE = re.compile(r'==> \[(?P<stage>[\w-]+)\] building (?P<artifact>\S+) because (?P<why>.*?)"?\s*$')
+NO_RULE = re.compile(r"No rule to make target '(?P<input>[^']+)', needed by '(?P<target>[^']+)'")
+STATE_TIMEOUT_S = 120
+AUDIT_TAIL_MAX = 500
+
+
+def dashboard_router(cfg: Config, audit_path: Path) -> APIRouter:
+    """The dashboard's routes for the run of `cfg`, with the /think audit log at `audit_path`."""
+    router = APIRouter()
+    follower = MetricsFollower(cfg.metrics_path)
+    follower_lock = threading.Lock()
+    state_lock = threading.Lock()
+
+    @router.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(UI_DIR / "index.html", media_type="text/html")
+
+    @router.get("/ui/{asset}", include_in_schema=False)
+    def ui_asset(asset: str) -> FileResponse:
+        path = ASSETS.get(asset)
+        if path is None:
+            raise HTTPException(404, f"no dashboard asset {asset!r}")
+        if not path.is_file():
+            raise HTTPException(503, f"{path.relative_to(REPO)} is not installed: run `make ui` (npm ci)")
+        return FileResponse(path, media_type=MEDIA_TYPES[path.suffix])
+
+    @router.get("/api/state")
+    def api_state() -> dict:
+        with state_lock:  # one `make -n` at a time: it rewrites the run's stamps and plan.mk
+            return build_state(cfg)
+
+    @router.get("/api/metrics")
+    def api_metrics(after: int = Query(0, ge=0)) -> dict:
+        with follower_lock:
+            follower.poll()
+            rows = list(follower.rows)
+        return {
+            "run": cfg.run.name,
+            "total_steps": cfg.train.steps,
+            "phases": [{"phase": p, "start": s, "end": e} for p, s, e in phase_spans(cfg)],
+            "last_step": rows[-1]["step"] if rows else 0,
+            "rows": [r for r in rows if r["step"] > after],
+        }
+
+    @router.get("/api/reports")
+    def api_reports() -> dict:
+        # The files fidelity.record and evaluate.evaluate write.
+        return {"fidelity": read_json_report(cfg.reports_dir / "fidelity.json"),
+                "eval": read_json_report(cfg.eval_report)}
+
+    @router.get("/api/audit")
+    def api_audit(tail: int = Query(50, ge=1, le=AUDIT_TAIL_MAX)) -> dict:
+        return audit_tail(Path(audit_path), tail)
+
+    return router
+
+
+# -- the build's state, from Make --------------------------------------------------
+
+def run_make_dry(cfg: Config, goals: tuple[str, ...] = PLAN_GOALS) -> subprocess.CompletedProcess:
+    """`make -n -k` on pipeline.mk for `goals`, as the Makefile calls it (MAKEFLAGS cleared)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    cmd = ["make", "-n", "-k", "--no-print-directory", "-f", "pipeline.mk", *goals,
+           f"CONFIG={cfg.source}", f"PY={sys.executable}"]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=STATE_TIMEOUT_S)
+
+
+def read_plan(plan_mk: Path) -> dict[str, str]:
+    """The `NAME := value` lines of a plan.mk (pipeline/plan.py writes them)."""
+    variables = {}
+    for line in plan_mk.read_text(encoding="utf-8").splitlines():
+        name, sep, value = line.partition(" := ")
+        if sep and not name.startswith("#"):
+            variables[name.strip()] = value.strip()
+    return variables
+
+
+def build_state(cfg: Config) -> dict:
+    """Each artifact of the plan: current, stale (and which inputs changed) or missing.
+
+    Returns {"run", "artifacts": [{"stage", "artifact", "paths", "state", "changed",
+    "reason"}], "error"}; `error` holds what Make said when it could not plan at all
+    (a bad config), and then `artifacts` is empty.
+    """
+    try:
+        proc = run_make_dry(cfg)
+    except subprocess.TimeoutExpired:
+        return {"run": cfg.run.name, "artifacts": [], "error": f"make -n took over {STATE_TIMEOUT_S} s"}
+    plan_mk = cfg.run_dir / "plan.mk"
+    if not plan_mk.is_file() or "is not usable" in proc.stderr:
+        return {"run": cfg.run.name, "artifacts": [], "error": (proc.stderr.strip() or proc.stdout.strip())[-2000:]}
+    plan = read_plan(plan_mk)
+    run_dir = Path(plan["RUN_DIR"])
+    announced = {}
+    for line in proc.stdout.splitlines():
+        m = ANNOUNCE.search(line)
+        if m:
+            announced[m["artifact"]] = m["why"]
+    blocked = {m["target"]: m["input"] for m in NO_RULE.finditer(proc.stderr)}
+    artifacts = []
+    for stage, var in STAGE_ARTIFACTS:
+        paths = plan.get(var, "").split()
+        groups = [paths] if var in GROUPED else [[p] for p in paths]
+        for group in groups:
+            artifacts.append(_artifact_state(stage, [Path(p) for p in group], run_dir, announced, blocked))
+    return {"run": plan.get("RUN_NAME", cfg.run.name), "artifacts": artifacts, "error": None}
+
+
+def _relative(path: Path, run_dir: Path) -> str:
+    """A path as pipeline.mk's announce names it: relative to the run folder when inside it."""
+    return str(path.relative_to(run_dir)) if path.is_relative_to(run_dir) else str(path)
+
+
+def _artifact_state(stage: str, paths: list[Path], run_dir: Path, announced: dict[str, str],
+                    blocked: dict[str, str]) -> dict:
+    names = [_relative(p, run_dir) for p in paths]
+    row = {"stage": stage, "artifact": ", ".join(names), "paths": names, "changed": [], "reason": ""}
+    why = next((announced[n] for n in names if n in announced), None)
+    if why is not None:
+        if why.endswith(" does not exist"):
+            row.update(state="missing", reason=why)
+        else:
+            changed = why.removesuffix(" changed").split()
+            row.update(state="stale", changed=changed,
+                       reason=f"{' '.join(changed)} changed" if changed else "an input will be rebuilt")
+        return row
+    if all(p.exists() for p in paths):
+        row["state"] = "current"
+        return row
+    block = next((blocked[str(p)] for p in paths if str(p) in blocked), None)
+    row.update(state="missing", reason=f"cannot be built: {_relative(Path(block), run_dir)} does not exist"
+               if block else "does not exist")
+    return row
+
+
+# -- reports and the audit log --------------------------------------------------------
+
+def read_json_report(path: Path) -> dict:
+    """{"path", "data"} of a JSON report; data is None (with `error`) when absent or unreadable."""
+    try:
+        return {"path": path.name, "data": json.loads(path.read_text(encoding="utf-8")), "error": None}
+    except FileNotFoundError:
+        return {"path": path.name, "data": None, "error": None}
+    except (OSError, ValueError) as e:
+        return {"path": path.name, "data": None, "error": f"{path.name}: not readable JSON ({e})"}
+
+
+def audit_tail(path: Path, tail: int) -> dict:
+    """The last `tail` complete lines of the audit log, parsed; a line that is not JSON is named."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            last = deque(enumerate(f, start=1), maxlen=tail + 1)
+    except FileNotFoundError:
+        return {"path": path.name, "entries": [], "errors": []}
+    if last and not last[-1][1].endswith("\n"):
+        last.pop()  # a line still being written
+    elif len(last) > tail:
+        last.popleft()
+    entries, errors = [], []
+    for number, line in last:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            errors.append(f"{path.name} line {number}: not JSON")
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+        else:
+            errors.append(f"{path.name} line {number}: not a JSON object")
+    return {"path": path.name, "entries": entries, "errors": errors}
