@@ -20,8 +20,10 @@
 # Install layout, <cache>/llama.cpp/<commit>-<variant>/:
 #   .complete    written last; commit, variant, sdist and build date. No marker, no install.
 #   src/         the llama.cpp tree: convert_hf_to_gguf.py, conversion/, gguf-py/
-#   build/bin/   llama-quantize, llama-imatrix, llama-perplexity, llama-tokenize and the shared libraries
-#                libllama.so, libggml*.so (point LLAMA_CPP_LIB_PATH here for the bindings)
+#   build/bin/   llama-quantize, llama-imatrix, llama-perplexity, llama-tokenize, llama-server
+#                (an OpenAI-compatible server, without its web UI: `pipeline serve --backend` can
+#                use it) and the shared libraries libllama.so, libggml*.so (point
+#                LLAMA_CPP_LIB_PATH here for the bindings)
 #   sdist/       the untouched llama-cpp-python sdist, source of the Python bindings
 #
 # Progress goes to stderr; the install dir is the only line on stdout.
@@ -66,10 +68,10 @@ install_dir="$llama_root/$LLAMA_CPP_COMMIT-$variant"
 lib_dir="$install_dir/build/bin"
 
 # Every target the pipeline and the bindings use; libllama pulls in the libggml* it needs.
-build_targets=(llama llama-quantize llama-imatrix llama-perplexity llama-tokenize)
+build_targets=(llama llama-quantize llama-imatrix llama-perplexity llama-tokenize llama-server)
 # What a finished install must hold. A cached install from an older version of this
 # list lacks something and is rebuilt, so adding a tool here needs no new cache key.
-required_files=(llama-quantize llama-imatrix llama-perplexity llama-tokenize libllama.so libggml.so)
+required_files=(llama-quantize llama-imatrix llama-perplexity llama-tokenize llama-server libllama.so libggml.so)
 
 tmp=
 cleanup() { if [[ -n $tmp ]]; then rm -rf "$tmp"; fi; }
@@ -137,10 +139,13 @@ build() {
     -DBUILD_SHARED_LIBS=ON
     # Portable binaries: a cache or image may move to another CPU.
     -DGGML_NATIVE=OFF
-    # Only what we use (tools/ still builds): the server and tests download things at
-    # build time, and the unified `llama` app links the server.
-    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
-    -DLLAMA_BUILD_APP=OFF
+    # Only what we use (tools/ still builds). The tests download models at build time.
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF
+    # llama-server, offline: its web UI comes from tools/ui/dist, an npm build
+    # (LLAMA_BUILD_UI) or a download from a Hugging Face bucket (LLAMA_USE_PREBUILT_UI,
+    # scripts/ui-assets.cmake); with neither, the server embeds an empty asset table and
+    # serves its API alone, which is all `pipeline serve` asks of it.
+    -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF
     # Our tools never fetch models over HTTPS; this keeps libssl out of the runtime.
     -DLLAMA_OPENSSL=OFF
     # The tree is renamed after the build: binaries must find their libraries via $ORIGIN.
@@ -173,11 +178,37 @@ build() {
   printf 'commit=%s\nvariant=%s\nsdist=llama-cpp-python==%s\nbuilt=%s\n' \
     "$LLAMA_CPP_COMMIT" "$variant" "$LLAMA_CPP_PYTHON_VERSION" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
     >"$tmp/.complete"
-  # The rename is the commit point: the final path only ever holds a finished tree.
-  rm -rf "$install_dir"
-  mv -T "$tmp" "$install_dir"
-  tmp=
+  publish
   log "installed $install_dir"
+}
+
+# Swap two paths in one step (renameat2 RENAME_EXCHANGE, Linux 3.15+, glibc 2.28+).
+exchange() {
+  "${PYTHON:-python3}" -c 'import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+at_fdcwd, rename_exchange = -100, 2
+a, b = (os.fsencode(p) for p in sys.argv[1:])
+sys.exit(0 if libc.renameat2(at_fdcwd, a, at_fdcwd, b, rename_exchange) == 0 else 1)' "$1" "$2" 2>/dev/null
+}
+
+# The rename is the commit point: the final path only ever holds a finished tree. A cached
+# tree that is replaced (it lacks a tool this script now builds) may be in use by another
+# build or test run: it is exchanged with the new one in one step, so a reader finds the old
+# tree or the new one, never none or half of one; the old one is removed after.
+publish() {
+  if [[ ! -e $install_dir ]]; then
+    mv -T "$tmp" "$install_dir"
+  elif ! exchange "$tmp" "$install_dir"; then
+    # No renameat2 here: two renames, leaving the path empty for an instant only.
+    local old="$llama_root/.tmp-$LLAMA_CPP_COMMIT-$variant.old"
+    rm -rf "$old"
+    mv -T "$install_dir" "$old"
+    mv -T "$tmp" "$install_dir"
+    tmp=$old
+  fi
+  # After an exchange $tmp holds the old tree.
+  if [[ -n $tmp && -e $tmp ]]; then rm -rf "$tmp"; fi
+  tmp=
 }
 
 # A finished install: the marker, and every required file (an older recipe may lack one).
