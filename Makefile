@@ -27,9 +27,13 @@ LLAMA_READY := $(VENV)/.llama-cpp
 # In the Docker image (docker/Dockerfile) the image is the environment: it sets
 # VENV=/opt/venv, GGML_CUDA=ON and AGIASI_IMAGE_ENV=1, and nothing is installed or
 # built into the mounted clone (an empty target list makes those rules no-ops).
+UI_READY := pipeline/ui/node_modules/.installed
+BROWSER_READY := browser
 ifeq ($(AGIASI_IMAGE_ENV),1)
 VENV_READY :=
 LLAMA_READY :=
+UI_READY :=
+BROWSER_READY :=
 endif
 
 .DEFAULT_GOAL := help
@@ -65,6 +69,26 @@ $(LLAMA_READY): $(VENV_READY) scripts/build-llama-cpp.sh scripts/llama-cpp.pin
 venv: $(VENV_READY) ## Create the virtual env with pinned packages
 llama-cpp: $(LLAMA_READY) ## Build the pinned llama.cpp (cached outside the clone)
 
+# The dashboard's one JavaScript library (uPlot, pinned with its hash by
+# pipeline/ui/package-lock.json), from the npm registry into pipeline/ui/node_modules
+# (ignored by git); installed again when the lock changes. No install scripts run.
+$(UI_READY): pipeline/ui/package.json pipeline/ui/package-lock.json
+	@echo "==> [ui] installing the dashboard's pinned JavaScript (npm ci)"
+	cd pipeline/ui && npm ci --ignore-scripts --no-audit --no-fund
+	@touch $@
+
+# The browser test (tests/test_browser.py) drives Debian's chromium; the page's
+# Japanese labels need a Japanese font. Installed with apt when missing (sudo unless root).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+.PHONY: ui browser
+ui: $(UI_READY) ## Install the dashboard's pinned JavaScript (npm ci)
+browser: ## Install Debian's chromium and a Japanese font for the browser test
+	@if ! command -v chromium >/dev/null || ! fc-list :lang=ja 2>/dev/null | grep -q .; then \
+	  echo "==> [browser] installing Debian's chromium and fonts-noto-cjk (apt-get)"; \
+	  $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium fonts-noto-cjk; \
+	fi
+serve: $(UI_READY)
+
 # ---- the pipeline (see pipeline.mk) --------------------------------------
 
 .PHONY: data train fuse gguf modelfile ollama ollama-run monitor plots eval
@@ -97,7 +121,7 @@ demo: $(VENV_READY) $(LLAMA_READY) $(TINY)/config.json ## Whole chain on the tin
 # ---- checks --------------------------------------------------------------
 
 .PHONY: test
-test: $(VENV_READY) $(LLAMA_READY) ## Run the test suite
+test: $(VENV_READY) $(LLAMA_READY) $(UI_READY) $(BROWSER_READY) ## Run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The real run's cost at full size: a random Phi-3.5-mini-shaped base (3.8B) through

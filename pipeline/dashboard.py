@@ -11,6 +11,13 @@ Routes (all GET, JSON unless said):
   "because X does not exist". Each artifact of the plan (`<run>/plan.mk`, which that same
   `make` run rewrites) is `stale` (with the inputs that changed), `missing`, or `current`
   when Make would leave it alone. Nothing here judges freshness its own way.
+  One catch: `make -n` takes a target with an empty recipe as remade, since it cannot look
+  at the file again afterwards as a real make does. The prepared data is one
+  (`$(PREPARED): $(DATA_REPORT) ;`): the data stage rewrites its report on every run but
+  the prepared files only when the examples change, so a report newer than them would make
+  `make -n` announce a training that `make` would not run. When the data stage itself is
+  not announced, a second `make -n -o <report>` (the report taken as old, which it then
+  is) asks Make again, and Make compares the prepared files' own times.
 - `/api/metrics?after=N`: the rows of `<run>/metrics.jsonl` after step N (a half-written
   last line waits for the next poll), with the phase schedule for the chart's shading.
 - `/api/reports`: `reports/fidelity.json` and `reports/eval.json` as their stages wrote them.
@@ -117,10 +124,10 @@ def dashboard_router(cfg: Config, audit_path: Path) -> APIRouter:
 
 # -- the build's state, from Make --------------------------------------------------
 
-def run_make_dry(cfg: Config, goals: tuple[str, ...] = PLAN_GOALS) -> subprocess.CompletedProcess:
-    """`make -n -k` on pipeline.mk for `goals`, as the Makefile calls it (MAKEFLAGS cleared)."""
+def run_make_dry(cfg: Config, *flags: str, goals: tuple[str, ...] = PLAN_GOALS) -> subprocess.CompletedProcess:
+    """`make -n -k [flags]` on pipeline.mk for `goals`, as the Makefile calls it (MAKEFLAGS cleared)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-    cmd = ["make", "-n", "-k", "--no-print-directory", "-f", "pipeline.mk", *goals,
+    cmd = ["make", "-n", "-k", *flags, "--no-print-directory", "-f", "pipeline.mk", *goals,
            f"CONFIG={cfg.source}", f"PY={sys.executable}"]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=STATE_TIMEOUT_S)
 
@@ -151,11 +158,12 @@ def build_state(cfg: Config) -> dict:
         return {"run": cfg.run.name, "artifacts": [], "error": (proc.stderr.strip() or proc.stdout.strip())[-2000:]}
     plan = read_plan(plan_mk)
     run_dir = Path(plan["RUN_DIR"])
-    announced = {}
-    for line in proc.stdout.splitlines():
-        m = ANNOUNCE.search(line)
-        if m:
-            announced[m["artifact"]] = m["why"]
+    announced = _announced(proc.stdout)
+    report, prepared = (_relative(Path(plan[v]), run_dir) for v in ("DATA_REPORT", "PREPARED"))
+    if report not in announced and any(prepared in why.split() for why in announced.values()):
+        # The data stage will not run, so the prepared data stays as it is (see the module's doc).
+        proc = run_make_dry(cfg, "-o", plan["DATA_REPORT"])
+        announced = _announced(proc.stdout)
     blocked = {m["target"]: m["input"] for m in NO_RULE.finditer(proc.stderr)}
     artifacts = []
     for stage, var in STAGE_ARTIFACTS:
@@ -164,6 +172,11 @@ def build_state(cfg: Config) -> dict:
         for group in groups:
             artifacts.append(_artifact_state(stage, [Path(p) for p in group], run_dir, announced, blocked))
     return {"run": plan.get("RUN_NAME", cfg.run.name), "artifacts": artifacts, "error": None}
+
+
+def _announced(make_output: str) -> dict[str, str]:
+    """artifact (as announce names it) -> why, from pipeline.mk's announce lines."""
+    return {m["artifact"]: m["why"] for m in map(ANNOUNCE.search, make_output.splitlines()) if m}
 
 
 def _relative(path: Path, run_dir: Path) -> str:

@@ -98,7 +98,7 @@ function axis(label, extra = {}) {
 }
 
 function chartSize(node) {
-  return { width: Math.max(280, node.clientWidth), height: 190 };
+  return { width: Math.max(280, node.clientWidth), height: 250 };
 }
 
 function makeCharts() {
@@ -180,7 +180,8 @@ function showLatest(row) {
   if (!row) return;
   const phase = PHASES[row.phase];
   $("t-step").textContent = `${row.step} / ${metrics.total}`;
-  $("t-phase").replaceChildren(...(phase ? bilingual(phase.ja, row.phase) : [row.phase]));
+  $("t-phase").textContent = phase ? phase.ja : row.phase;
+  $("t-phase").title = row.phase;
   $("t-phase").style.color = phase ? phase.line : "";
   $("t-alpha").textContent = fmt(row.alpha, 3);
   $("t-gate").textContent = fmt(row.gate, 4);
@@ -191,6 +192,13 @@ function showLatest(row) {
 }
 
 // ---- build state -------------------------------------------------------------
+
+// What the row adds to its badge: the inputs that changed, or why it cannot be built.
+function reasonText(a) {
+  if (a.state === "current") return "";
+  if (a.state === "stale") return a.changed.length ? `変更 changed: ${a.changed.join(", ")}` : a.reason;
+  return a.reason.endsWith(" does not exist") && a.paths.some((p) => a.reason.startsWith(p)) ? "" : a.reason;
+}
 
 async function refreshState() {
   const data = await getJSON("/api/state");
@@ -205,7 +213,7 @@ async function refreshState() {
       el("span", { class: "stage" }, ...bilingual(STAGES[a.stage] || a.stage, a.stage)),
       el("span", { class: "badge" }, ...bilingual(s.ja, s.en)),
       el("span", { class: "path" }, a.artifact),
-      el("span", { class: "reason" }, a.state === "current" ? "" : a.reason));
+      el("span", { class: "reason" }, reasonText(a)));
   }));
 }
 
@@ -257,7 +265,7 @@ function hashes(entry, prefix = "") {
     } else if (Array.isArray(v)) {
       v.forEach((item, i) => { if (item && typeof item === "object") out.push(...hashes(item, `${prefix || k}[${item.name ?? i}]`)); });
     } else if (/sha256$/.test(k) && typeof v === "string") {
-      const name = (prefix ? `${prefix}.${k}` : k).replace(/[._]?sha256$/, "") || "sha256";
+      const name = (prefix ? `${prefix}.${k}` : k).replace(/[._]?sha256$/, "").replace(/^thinking\./, "思考 ") || "sha256";
       const base = k.replace(/sha256$/, "");
       const len = entry[`${base}length`] ?? entry[`${base}len`] ?? entry[`${base}chars`] ?? entry.length;
       out.push(el("span", { class: "hash", title: v }, `${name} `, el("code", {}, v.slice(0, 10)),
