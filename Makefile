@@ -91,7 +91,7 @@ serve: $(UI_READY)
 
 # ---- the pipeline (see pipeline.mk) --------------------------------------
 
-.PHONY: data train fuse gguf modelfile ollama ollama-run monitor plots eval
+.PHONY: data train fuse gguf modelfile ollama ollama-run monitor plots eval serve
 data train fuse: $(VENV_READY)
 	@$(call locked,$(CONFIG)) $(SUBMAKE) $@ CONFIG=$(CONFIG)
 gguf modelfile ollama ollama-run eval: $(VENV_READY) $(LLAMA_READY)
@@ -99,6 +99,10 @@ gguf modelfile ollama ollama-run eval: $(VENV_READY) $(LLAMA_READY)
 # Readers: they run beside a training (no lock).
 monitor plots: $(VENV_READY)
 	@$(SUBMAKE) $@ CONFIG=$(CONFIG)
+# The server reads the run too (a long-lived reader: no lock). SERVE_ARGS="--port 9000 --backend URL"
+SERVE_ARGS ?=
+serve: $(VENV_READY)
+	@$(SUBMAKE) $@ CONFIG=$(CONFIG) SERVE_ARGS="$(SERVE_ARGS)"
 data: ## Prepare the training data: data/ (train, validation), reports/data.md
 train: ## Train LoRA + soul: checkpoints/final
 fuse: ## Merge LoRA and fold the soul: fused/ (HF model)
@@ -109,6 +113,7 @@ ollama-run: ## Ask the registered model: make ollama-run PROMPT="..."
 monitor: ## Follow training live: step, phase, alpha, gate, loss, ETA
 plots: ## Plot alpha/gate with the phases, loss, orthogonality: reports/*.png
 eval: ## Held-out Japanese perplexity of every model: reports/eval.md
+serve: ## Serve POST /think (only <final>) and the dashboard on 127.0.0.1:8642
 
 $(TINY)/config.json: pipeline/tiny.py | $(VENV_READY)
 	@echo "==> [tiny-model] building the tiny offline Phi-3 demo base"

@@ -109,6 +109,11 @@ monitor:
 ollama-run: $(OLLAMA_STAMP)
 	@$(PIPE) ask --config $(CONFIG) --prompt "$(PROMPT)"
 
+# POST /think and the dashboard: make serve [SERVE_ARGS="--backend http://127.0.0.1:8080/v1"]
+.PHONY: serve
+serve:
+	@$(PIPE) serve --config $(CONFIG) $(SERVE_ARGS)
+
 # For `make demo`: register when an Ollama is reachable, else say how to get one and stop cleanly.
 .PHONY: ollama-if-available
 ollama-if-available: $(MODELFILE)

@@ -178,6 +178,24 @@ def _cmd_tiny_model(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from .serve import serve
+
+    serve(load_config(args.config), host=args.host, port=args.port, backend=args.backend,
+          backend_model=args.backend_model)
+    return 0
+
+
+def _cmd_audit_verify(args) -> int:
+    from .audit import verify
+
+    if (args.config is None) == (args.log is None):
+        raise PipelineError("audit verify: give --config FILE (the run's audit/think.jsonl) or --log FILE")
+    path = args.log if args.log is not None else load_config(args.config).audit_log
+    print(f"{path}: OK ({verify(path)} entries)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -223,6 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
     command("plots", _cmd_plots, "Plot alpha/gate with the phases, loss and orthogonality error into reports/.")
     command("eval", _cmd_eval,
             "Perplexity on held-out text for base, trained, fused and GGUF models; check eval.max_ppl_ratio.")
+    sp = command("serve", _cmd_serve,
+                 "Serve POST /think (only the model's <final> answer) and the dashboard; see README 'Serving'.")
+    sp.add_argument("--host", help="listen address (default serve.host, 127.0.0.1); others need AGIASI_SERVE_TOKEN")
+    sp.add_argument("--port", type=int, help="listen port (default serve.port, 8642)")
+    sp.add_argument("--backend", help="OpenAI-compatible /v1 base URL (default: Ollama at OLLAMA_HOST)")
+    sp.add_argument("--backend-model", help="model name sent to the backend (default: ollama.model)")
+    sp = command("audit", lambda args: args.audit_func(args), "The /think audit log.", config=False)
+    audit_sub = sp.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    sp = audit_sub.add_parser("verify", help="check that the audit log is well-formed (hashes only, exact fields)")
+    sp.add_argument("--config", type=Path, help="run config: checks <run>/audit/think.jsonl")
+    sp.add_argument("--log", type=Path, help="an audit log file")
+    sp.set_defaults(audit_func=_cmd_audit_verify)
     sp = command("chat", _cmd_chat, "Talk to a training checkpoint (base + LoRA + soul, as trained).", config=False)
     sp.add_argument("--checkpoint", type=Path, required=True, help="e.g. build/demo/checkpoints/final")
     sp.add_argument("--prompt", help="answer this one message and exit (default: read messages from stdin)")

@@ -17,6 +17,7 @@ import json
 import math
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import pydantic
 import yaml
@@ -205,6 +206,16 @@ class OllamaSection(_Section):
     allow_long_context: bool = False
 
 
+class ServeSection(_Section):
+    """`python -m pipeline serve` (pipeline/serve.py); its flags override these."""
+    host: str = Field(default="127.0.0.1", min_length=1)  # any other address needs AGIASI_SERVE_TOKEN
+    port: int = Field(default=8642, ge=1, le=65535)
+    backend: str | None = None  # an OpenAI-compatible /v1 base URL; None: Ollama at OLLAMA_HOST
+    backend_model: str | None = Field(default=None, min_length=1)  # None: ollama.model
+    backend_timeout: float = Field(default=300.0, gt=0)  # seconds the backend may stay silent
+    max_body_bytes: int = Field(default=65536, ge=1024)  # larger /think requests get 413
+
+
 class Config(_Section):
     run: RunSection
     model: ModelSection
@@ -216,6 +227,7 @@ class Config(_Section):
     fidelity: FidelitySection = FidelitySection()
     ollama: OllamaSection = OllamaSection()
     eval: EvalSection = EvalSection()
+    serve: ServeSection = ServeSection()
 
     # Set by load_config: where the file lives, to resolve relative paths.
     source: Path = Field(default=Path("."), exclude=True)
@@ -338,6 +350,11 @@ class Config(_Section):
     @property
     def ollama_stamp(self) -> Path:
         return self.run_dir / "ollama.json"
+
+    @property
+    def audit_log(self) -> Path:
+        """The /think audit log (pipeline/audit.py): hashes of prompts, answers and thinking."""
+        return self.run_dir / "audit" / "think.jsonl"
 
     @property
     def stamp_dir(self) -> Path:
@@ -499,6 +516,9 @@ def _check_values(cfg: Config) -> list[str]:
                         f"--output-tensor-type knows ({', '.join(GGML_WEIGHT_TYPES)})")
     problems.extend(_check_ollama(cfg))
     problems.extend(_check_paths(cfg))
+    backend = cfg.serve.backend
+    if backend is not None and backend_url_problem(backend):
+        problems.append(f"serve.backend: {backend!r} {backend_url_problem(backend)}")
 
     problems.extend(_check_sources(cfg))
     calibration = cfg.imatrix_calibration
@@ -510,6 +530,20 @@ def _check_values(cfg: Config) -> list[str]:
     problems.extend(_check_lora_targets(cfg))
     problems.extend(context_problems(cfg))
     return problems
+
+
+def backend_url_problem(url: str) -> str | None:
+    """Why url is no base URL of an OpenAI-compatible API (None when it is one)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "is not an http(s) URL with a host, e.g. http://127.0.0.1:8080/v1"
+    if parts.query or parts.fragment:
+        return "must not have a query or fragment (give the API's /v1 base)"
+    try:
+        parts.port
+    except ValueError:
+        return "has a port that is not a number from 0 to 65535"
+    return None
 
 
 def _check_ollama(cfg: Config) -> list[str]:
