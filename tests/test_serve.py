@@ -28,6 +28,7 @@ from starlette.testclient import TestClient
 
 from conftest import REPO
 from metrics_fixture import fixture_config
+from pipeline import llamacpp
 from pipeline.audit import verify
 from pipeline.config import load_config
 from pipeline.errors import BadInputError
@@ -144,9 +145,11 @@ def test_stream_sends_only_final_deltas_then_done(make_client, backend, tmp_path
 
 # -- no thinking leaves, whatever the reply --------------------------------------------------------
 
+# SECRET appears only as thinking (final and outside text are other words; an unclosed final
+# streams its text before the error, which is final text, not thinking).
 hostile = st.lists(st.sampled_from([
-    f"<think>{SECRET}", "</think>", f"<THINK-a >{SECRET}</think-a>", "<final>", "</final>", "ok ", SECRET,
-    "< final >", "<thinking>", f"<final>{SECRET}", "</ Final>"]), max_size=8).map("".join)
+    f"<think>{SECRET}", "</think>", f"<THINK-a >{SECRET}</think-a>", "<final>", "</final>", "ok ", "sure ",
+    "< final >", "<thinking>", f"<final>ok<think>{SECRET}", "</ Final>"]), max_size=8).map("".join)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -290,8 +293,6 @@ def wait_http(url: str, proc: subprocess.Popen, seconds: float = 60) -> None:
 
 @pytest.fixture(scope="module")
 def llama_server(tiny_phi3_dir, tmp_path_factory):
-    from pipeline import llamacpp
-
     try:
         server = llamacpp.tool("llama-server")
     except llamacpp.ToolchainError as e:
