@@ -294,9 +294,10 @@ def wait_http(url: str, proc: subprocess.Popen, seconds: float = 60) -> None:
 @pytest.fixture(scope="module")
 def llama_server(tiny_phi3_dir, tmp_path_factory):
     try:
-        server = llamacpp.tool("llama-server")
+        llamacpp.require_install()
     except llamacpp.ToolchainError as e:
-        pytest.skip(f"needs llama-server from the pinned build: {e}")
+        pytest.skip(f"needs the pinned llama.cpp build: {e}")
+    server = llamacpp.tool("llama-server")  # a build without it is a broken build script: fail, not skip
     gguf = llamacpp.convert_hf_to_gguf(tiny_phi3_dir, tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf", "f16")
     port = free_port()
     proc = subprocess.Popen([str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
