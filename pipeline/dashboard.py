@@ -21,8 +21,8 @@ Routes (all GET, JSON unless said):
 - `/api/metrics?after=N`: the rows of `<run>/metrics.jsonl` after step N (a half-written
   last line waits for the next poll), with the phase schedule for the chart's shading.
 - `/api/reports`: `reports/fidelity.json` and `reports/eval.json` as their stages wrote them.
-- `/api/audit?tail=N`: the last N lines of the /think audit log (hashes and lengths only,
-  as pipeline/audit.py writes them).
+- `/api/audit?tail=N`: the well-formed entries among the last N lines of the /think audit
+  log (hashes and lengths only, checked with audit.entry_problems); other lines are named.
 
 Errors: a file that cannot be read or parsed is reported in the answer (`error`, naming
 the file and line), never as a traceback; an unknown asset is a 404.
@@ -41,6 +41,7 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import FileResponse
 
+from . import audit
 from .config import Config
 from .monitor import MetricsFollower, phase_spans
 
@@ -219,25 +220,29 @@ def read_json_report(path: Path) -> dict:
 
 
 def audit_tail(path: Path, tail: int) -> dict:
-    """The last `tail` complete lines of the audit log, parsed; a line that is not JSON is named."""
+    """The well-formed entries among the last `tail` complete lines of the audit log.
+
+    A line that is not an entry (audit.entry_problems: other fields, text where a digest
+    belongs) never reaches the page; `errors` names it by line number. A last line without
+    its newline is still being written and waits for the next call.
+    """
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             last = deque(enumerate(f, start=1), maxlen=tail + 1)
     except FileNotFoundError:
         return {"path": path.name, "entries": [], "errors": []}
     if last and not last[-1][1].endswith("\n"):
-        last.pop()  # a line still being written
+        last.pop()
     elif len(last) > tail:
         last.popleft()
     entries, errors = [], []
     for number, line in last:
         try:
-            entry = json.loads(line)
+            problems = audit.entry_problems(json.loads(line))
         except ValueError:
-            errors.append(f"{path.name} line {number}: not JSON")
-            continue
-        if isinstance(entry, dict):
-            entries.append(entry)
+            problems = ["not JSON"]
+        if problems:
+            errors.append(f"{path.name} line {number}: {problems[0]}")
         else:
-            errors.append(f"{path.name} line {number}: not a JSON object")
+            entries.append(json.loads(line))
     return {"path": path.name, "entries": entries, "errors": errors}

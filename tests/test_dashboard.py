@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from conftest import DEMO_DATA, REPO, small_config, write_config
+from pipeline.audit import FIELDS
 from pipeline.config import load_config
 from pipeline.dashboard import dashboard_router
 from pipeline.evaluate import build_report
@@ -200,6 +201,11 @@ def test_audit_tail(run):
         # The last three complete lines: 5, the bad line (named, not shown), 6; the half-written 7 waits.
         assert [e["request_id"] for e in body["entries"]] == [f"{5:032x}", f"{6:032x}"]
         assert body["errors"] == ["think.jsonl line 6: not JSON"]
+        assert all(set(e) == set(FIELDS) for e in body["entries"])
+        with open(log, "a", encoding="utf-8") as f:  # text where a digest belongs: not shown
+            f.write("\n" + json.dumps({**json.loads(audit_line(8)), "prompt": "plain text"}) + "\n")
+        body = client.get("/api/audit?tail=1").json()
+        assert body["entries"] == [] and body["errors"][0].startswith("think.jsonl line 9: prompt")
         assert client.get("/api/audit?tail=0").status_code == 422
     finally:
         log.unlink()

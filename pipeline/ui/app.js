@@ -268,7 +268,7 @@ function hashes(entry, prefix = "") {
       const name = (prefix ? `${prefix}.${k}` : k).replace(/[._]?sha256$/, "").replace(/^thinking\./, "思考 ") || "sha256";
       const base = k.replace(/sha256$/, "");
       const len = entry[`${base}length`] ?? entry[`${base}len`] ?? entry[`${base}chars`] ?? entry.length;
-      out.push(el("span", { class: "hash", title: v }, `${name} `, el("code", {}, v.slice(0, 10)),
+      out.push(el("span", { class: "hash", title: v }, `${name} `, el("code", {}, v.slice(0, 8)),
         len !== undefined ? el("span", { class: "len" }, ` ${len}`) : ""));
     }
   }
@@ -284,8 +284,8 @@ async function refreshAudit() {
     return;
   }
   const rows = [...data.entries].reverse().map((e) => [
-    String(e.time ?? e.ts ?? "").replace("T", " ").slice(0, 19),
-    el("code", {}, String(e.request_id ?? "").slice(0, 12)),
+    String(e.time ?? e.ts ?? "").slice(11, 19),
+    el("code", {}, String(e.request_id ?? "").slice(0, 8)),
     el("span", { class: `outcome ${e.outcome === "ok" ? "pass" : "fail"}` }, String(e.outcome ?? "")),
     el("span", { class: "hashes" }, ...hashes(e)),
   ]);
