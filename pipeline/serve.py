@@ -300,11 +300,10 @@ def create_app(settings: ServeSettings, cfg: Config | None = None) -> FastAPI:
                     text = filt.feed(content)
                     if text:
                         yield _line({"type": "delta", "text": text})
+            except httpx2.TimeoutException as err:
+                outcome, message = "backend_timeout", str(_transport_failure(settings, err))
             except httpx2.TransportError as err:
-                failure = _transport_failure(settings, err)
-                outcome, message = (failure.outcome if failure.outcome == "backend_timeout" else "backend_error",
-                                    str(failure) if failure.outcome == "backend_timeout"
-                                    else f"the backend's stream broke off ({type(err).__name__})")
+                outcome, message = "backend_error", f"the backend's stream broke off ({type(err).__name__})"
             except ValueError:
                 outcome, message = "backend_error", f"the backend at {settings.backend_url} sent a bad stream event"
             else:

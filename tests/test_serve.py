@@ -50,6 +50,7 @@ class Backend:
 
     def __init__(self):
         self.content, self.fields, self.chunk, self.status, self.delay = "<final>ok</final>", {}, 3, 200, 0.0
+        self.stall = 0.0  # seconds of silence after the first streamed piece
         self.requests: list[dict] = []
         app = FastAPI()
 
@@ -72,6 +73,8 @@ class Backend:
         for name, text in self.fields.items():
             yield f"data: {json.dumps({'choices': [{'delta': {name: text}}]})}\n\n"
         for i in range(0, len(self.content), self.chunk):
+            if i:
+                await asyncio.sleep(self.stall)
             yield f"data: {json.dumps({'choices': [{'delta': {'content': self.content[i:i + self.chunk]}}]})}\n\n"
         yield "data: [DONE]\n\n"
 
@@ -95,6 +98,7 @@ def backend():
 @pytest.fixture
 def make_client(backend, tmp_path):
     backend.content, backend.fields, backend.chunk, backend.status, backend.delay = "<final>ok</final>", {}, 3, 200, 0
+    backend.stall = 0
     made = []
 
     def make(**overrides) -> TestClient:
@@ -192,6 +196,16 @@ def test_backend_timeout_is_504(make_client, backend, tmp_path):
     assert r.status_code == 504 and "sent nothing for 0.3 s" in r.json()["error"]
 
 
+def test_a_stream_that_goes_silent_ends_with_an_error_line(make_client, backend, tmp_path):
+    backend.content, backend.chunk, backend.stall = "<final>abc</final>", 8, 2
+    with make_client(backend_timeout=0.3).stream("POST", "/think", json={"prompt": "p", "stream": True}) as r:
+        r.read()
+    lines = ndjson(r)
+    assert lines[0] == {"type": "delta", "text": "a"} and lines[-1]["type"] == "error"
+    assert "sent nothing for 0.3 s" in lines[-1]["error"]
+    assert audit_lines(tmp_path)[0]["outcome"] == "backend_timeout" and audit_lines(tmp_path)[0]["final"] is None
+
+
 def test_backend_error_status_is_502_naming_it_not_its_body(make_client, backend):
     backend.status = 404
     r = make_client().post("/think", json={"prompt": "p"})
@@ -263,6 +277,7 @@ def test_binding_elsewhere_needs_a_token(tmp_path):
 @pytest.mark.reliability("concurrency")
 def test_concurrent_requests_each_leave_one_whole_line(backend, tmp_path):
     backend.content, backend.delay, backend.status, backend.fields = f"<think>{SECRET}</think><final>ok</final>", 0.05, 200, {}
+    backend.stall = 0
     app = create_app(ServeSettings(backend_url=backend.url, backend_model="m", audit_path=tmp_path / "think.jsonl"))
 
     async def many():
