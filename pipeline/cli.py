@@ -189,8 +189,6 @@ def _cmd_serve(args) -> int:
 def _cmd_audit_verify(args) -> int:
     from .audit import verify
 
-    if (args.config is None) == (args.log is None):
-        raise PipelineError("audit verify: give --config FILE (the run's audit/think.jsonl) or --log FILE")
     path = args.log if args.log is not None else load_config(args.config).audit_log
     print(f"{path}: OK ({verify(path)} entries)")
     return 0
@@ -250,8 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("audit", lambda args: args.audit_func(args), "The /think audit log.", config=False)
     audit_sub = sp.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     sp = audit_sub.add_parser("verify", help="check that the audit log is well-formed (hashes only, exact fields)")
-    sp.add_argument("--config", type=Path, help="run config: checks <run>/audit/think.jsonl")
-    sp.add_argument("--log", type=Path, help="an audit log file")
+    which = sp.add_mutually_exclusive_group(required=True)
+    which.add_argument("--config", type=Path, help="run config: checks <run>/audit/think.jsonl")
+    which.add_argument("--log", type=Path, help="an audit log file")
     sp.set_defaults(audit_func=_cmd_audit_verify)
     sp = command("chat", _cmd_chat, "Talk to a training checkpoint (base + LoRA + soul, as trained).", config=False)
     sp.add_argument("--checkpoint", type=Path, required=True, help="e.g. build/demo/checkpoints/final")
