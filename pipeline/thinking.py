@@ -56,7 +56,8 @@ from dataclasses import dataclass, field
 import regex
 
 # Fields in which OpenAI-compatible backends return thinking apart from the content:
-# llama-server and DeepSeek `reasoning_content`, Ollama's /v1 `reasoning`, Ollama's /api `thinking`.
+# llama-server and DeepSeek `reasoning_content`; Ollama's /v1 `reasoning` (openai/openai.go: Message and
+# Delta carry `Reasoning string json:"reasoning"`, filled from the model's thinking); Ollama's /api `thinking`.
 REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
 
 _WS = r"\s{0,8}"
