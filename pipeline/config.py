@@ -517,8 +517,8 @@ def _check_values(cfg: Config) -> list[str]:
     problems.extend(_check_ollama(cfg))
     problems.extend(_check_paths(cfg))
     backend = cfg.serve.backend
-    if backend is not None and backend_url_problem(backend):
-        problems.append(f"serve.backend: {backend!r} {backend_url_problem(backend)}")
+    if backend is not None and (problem := backend_url_problem(backend)):
+        problems.append(f"serve.backend: {backend!r} {problem}")
 
     problems.extend(_check_sources(cfg))
     calibration = cfg.imatrix_calibration

@@ -44,6 +44,7 @@ from fastapi.responses import FileResponse
 from . import audit
 from .config import Config
 from .monitor import MetricsFollower, phase_spans
+from .plan import make_variables
 
 REPO = Path(__file__).resolve().parent.parent
 UI_DIR = Path(__file__).resolve().parent / "ui"
@@ -133,16 +134,6 @@ def run_make_dry(cfg: Config, *flags: str, goals: tuple[str, ...] = PLAN_GOALS) 
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=STATE_TIMEOUT_S)
 
 
-def read_plan(plan_mk: Path) -> dict[str, str]:
-    """The `NAME := value` lines of a plan.mk (pipeline/plan.py writes them)."""
-    variables = {}
-    for line in plan_mk.read_text(encoding="utf-8").splitlines():
-        name, sep, value = line.partition(" := ")
-        if sep and not name.startswith("#"):
-            variables[name.strip()] = value.strip()
-    return variables
-
-
 def build_state(cfg: Config) -> dict:
     """Each artifact of the plan: current, stale (and which inputs changed) or missing.
 
@@ -157,7 +148,7 @@ def build_state(cfg: Config) -> dict:
     plan_mk = cfg.run_dir / "plan.mk"
     if not plan_mk.is_file() or "is not usable" in proc.stderr:
         return {"run": cfg.run.name, "artifacts": [], "error": (proc.stderr.strip() or proc.stdout.strip())[-2000:]}
-    plan = read_plan(plan_mk)
+    plan = make_variables(cfg)  # what that make run wrote into plan.mk
     run_dir = Path(plan["RUN_DIR"])
     announced = _announced(proc.stdout)
     report, prepared = (_relative(Path(plan[v]), run_dir) for v in ("DATA_REPORT", "PREPARED"))
@@ -238,11 +229,12 @@ def audit_tail(path: Path, tail: int) -> dict:
     entries, errors = [], []
     for number, line in last:
         try:
-            problems = audit.entry_problems(json.loads(line))
+            obj = json.loads(line)
+            problems = audit.entry_problems(obj)
         except ValueError:
             problems = ["not JSON"]
         if problems:
             errors.append(f"{path.name} line {number}: {problems[0]}")
         else:
-            entries.append(json.loads(line))
+            entries.append(obj)
     return {"path": path.name, "entries": entries, "errors": errors}

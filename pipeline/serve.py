@@ -227,6 +227,11 @@ def create_app(settings: ServeSettings, cfg: Config | None = None) -> FastAPI:
                            system=body.system, final=final, sections=sections))
         print(f"[serve] {request_id} {outcome} {status}", flush=True)
 
+    def refuse(request_id, started, body, failure: BackendFailure) -> JSONResponse:
+        """A backend failure, logged and answered with its status and message."""
+        record(request_id, started, body, failure.outcome, failure.status, None, {})
+        return _json_error(failure.status, str(failure), request_id=request_id)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_request, exc: RequestValidationError):
         errors = exc.errors()
@@ -255,12 +260,9 @@ def create_app(settings: ServeSettings, cfg: Config | None = None) -> FastAPI:
                 raise BackendFailure("backend_error", 502,
                                      f"the backend at {settings.backend_url} sent no chat completion") from None
         except httpx2.TransportError as err:
-            failure = _transport_failure(settings, err)
-            record(request_id, started, body, failure.outcome, failure.status, None, {})
-            return _json_error(failure.status, str(failure), request_id=request_id)
+            return refuse(request_id, started, body, _transport_failure(settings, err))
         except BackendFailure as failure:
-            record(request_id, started, body, failure.outcome, failure.status, None, {})
-            return _json_error(failure.status, str(failure), request_id=request_id)
+            return refuse(request_id, started, body, failure)
         result = filter_reply(content, fields)
         if result.final is None:
             record(request_id, started, body, result.outcome, 502, None, result.sections)
@@ -275,15 +277,11 @@ def create_app(settings: ServeSettings, cfg: Config | None = None) -> FastAPI:
                                          stream=True)
         except httpx2.TransportError as err:
             await client.aclose()
-            failure = _transport_failure(settings, err)
-            record(request_id, started, body, failure.outcome, failure.status, None, {})
-            return _json_error(failure.status, str(failure), request_id=request_id)
+            return refuse(request_id, started, body, _transport_failure(settings, err))
         if response.status_code != 200:
             await response.aclose()
             await client.aclose()
-            failure = _status_failure(settings, response.status_code)
-            record(request_id, started, body, failure.outcome, failure.status, None, {})
-            return _json_error(failure.status, str(failure), request_id=request_id)
+            return refuse(request_id, started, body, _status_failure(settings, response.status_code))
         return StreamingResponse(_lines(client, response, body, request_id, started),
                                  media_type="application/x-ndjson")
 
