@@ -182,32 +182,21 @@ build() {
   log "installed $install_dir"
 }
 
-# Swap two paths in one step (renameat2 RENAME_EXCHANGE, Linux 3.15+, glibc 2.28+).
-exchange() {
-  "${PYTHON:-python3}" -c 'import ctypes, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-at_fdcwd, rename_exchange = -100, 2
-a, b = (os.fsencode(p) for p in sys.argv[1:])
-sys.exit(0 if libc.renameat2(at_fdcwd, a, at_fdcwd, b, rename_exchange) == 0 else 1)' "$1" "$2" 2>/dev/null
-}
-
 # The rename is the commit point: the final path only ever holds a finished tree. A cached
 # tree that is replaced (it lacks a tool this script now builds) may be in use by another
-# build or test run: it is exchanged with the new one in one step, so a reader finds the old
-# tree or the new one, never none or half of one; the old one is removed after.
+# build or test run: it is renamed aside and the new one renamed in, so the path is empty
+# for the instant between two renames (not for the length of an rm -rf); the old one is
+# removed after.
 publish() {
-  if [[ ! -e $install_dir ]]; then
-    mv -T "$tmp" "$install_dir"
-  elif ! exchange "$tmp" "$install_dir"; then
-    # No renameat2 here: two renames, leaving the path empty for an instant only.
+  if [[ -e $install_dir ]]; then
     local old="$llama_root/.tmp-$LLAMA_CPP_COMMIT-$variant.old"
     rm -rf "$old"
     mv -T "$install_dir" "$old"
     mv -T "$tmp" "$install_dir"
-    tmp=$old
+    rm -rf "$old"
+  else
+    mv -T "$tmp" "$install_dir"
   fi
-  # After an exchange $tmp holds the old tree.
-  if [[ -n $tmp && -e $tmp ]]; then rm -rf "$tmp"; fi
   tmp=
 }
 
