@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,25 +11,68 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from pipeline import llamacpp
+from pipeline.plan import write_plan
 
 
-def needs_llama_cpp():
-    from pipeline import llamacpp
+def needs_llama_cpp(bindings: bool = False):
+    """The pinned llama.cpp build (its install dir), or with bindings=True its Python bindings.
 
-    try:
-        llamacpp.require_install()
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"pinned llama.cpp not built ({e}); `make test` builds it")
+    Not built at all: a skip that says how to build it (a failure in CI: conftest.SKIP_ALLOWED_IN_CI).
+    Built but broken (a missing tool, bindings that do not import or load another library): the
+    error itself, a failure everywhere. An install step that went wrong is never a skip."""
+    path = llamacpp.install_dir()
+    if not (path / ".complete").is_file():
+        pytest.skip(f"the pinned llama.cpp is not built at {path}: `make test` (or `make llama-cpp`) builds it")
+    llamacpp.require_install()
+    return llamacpp.load_bindings() if bindings else path
+
+
+def copy_source_tree(dest: Path) -> Path:
+    """A copy of this checkout's source (tracked files and new ones git does not ignore, with their
+    mtimes, so Make sees the same order) at dest, with `.venv` linked to this interpreter's env:
+    a clone as a user has it, whose `make` installs nothing again and builds into its own build/."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = REPO / rel
+        if src.is_file():  # a deleted file is still listed until it is committed
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    (dest / ".venv").symlink_to(Path(sys.prefix))
+    return dest
+
+
+def run_make(config: Path, target: str = "modelfile", *flags: str) -> subprocess.CompletedProcess:
+    """pipeline.mk `target` for `config`, whatever its outcome."""
+    return subprocess.run(
+        ["make", "--no-print-directory", "-f", "pipeline.mk", *flags, target, f"CONFIG={config}",
+         f"PY={sys.executable}"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "MAKEFLAGS": ""},
+    )
 
 
 def make(config: Path, target: str = "modelfile") -> subprocess.CompletedProcess:
-    env = {**os.environ, "MAKEFLAGS": ""}
-    proc = subprocess.run(
-        ["make", "--no-print-directory", "-f", "pipeline.mk", target, f"CONFIG={config}", f"PY={sys.executable}"],
-        cwd=REPO, capture_output=True, text=True, env=env,
-    )
+    proc = run_make(config, target)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def adopt_trained_run(source, cfg) -> None:
+    """Give the run of `cfg` the prepared data, final checkpoint and fused model of the run of
+    `source` (both Configs of the same base), as Make would have left them: copies keep their
+    mtimes, and the new run's stamps are made older than every copy, so Make builds only what
+    comes after fuse."""
+    shutil.copytree(source.prepared_dir, cfg.prepared_dir)
+    shutil.copytree(source.final_checkpoint, cfg.final_checkpoint)
+    shutil.copytree(source.fused_dir, cfg.fused_dir)
+    cfg.reports_dir.mkdir(parents=True)
+    for report in ("data.json", "data.md", "fidelity.json"):
+        if (source.reports_dir / report).is_file():
+            shutil.copy2(source.reports_dir / report, cfg.reports_dir / report)
+    write_plan(cfg)
+    for stamp in cfg.stamp_dir.iterdir():
+        os.utime(stamp, (0, 0))
 
 
 def snapshot(run_dir: Path) -> dict[str, tuple[int, str]]:

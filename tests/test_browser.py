@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,23 +20,23 @@ import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
+from playwright.sync_api import sync_playwright
 
 from conftest import REPO
 from makeutil import make
 from metrics_fixture import fixture_config, metric_rows, write_metrics
 from pipeline.config import load_config
 
-CHROMIUM = Path("/usr/bin/chromium")  # Debian's package (make browser installs it)
+# Debian's package, where `make browser` finds or installs it: `chromium` on PATH.
+CHROMIUM = shutil.which("chromium")
 SECRET = "SECRET-THINKING-77"
 FINAL = "富士山は日本で一番高い山です。"
 REPLY = f"<think-logic>{SECRET} 推論</think-logic>\n<THINK-ethics >{SECRET}</think-ethics><final>{FINAL}</final>"
 FIRST_ROWS, MORE_ROWS = 30, 12
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed: `make venv`")
-pytestmark = pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} missing: `make browser` installs it")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: `make browser` installs it")
 
 
 class ChatBackend(BaseHTTPRequestHandler):
@@ -110,7 +111,7 @@ def server(tmp_path_factory):
 def test_dashboard_in_chromium(server):
     cfg, url = server
     problems = []
-    with playwright_api.sync_playwright() as p:
+    with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         try:
             page = browser.new_page(viewport={"width": 1440, "height": 1000})

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import rerecord, small_config, write_config
+from makeutil import needs_llama_cpp
 from pipeline import adapter as adapter_module
 from pipeline import fuse as fuse_module
 from pipeline.config import load_config
@@ -60,10 +61,7 @@ def test_gate_fails_a_wrong_fold_and_keeps_nothing(rotated_run, monkeypatch, wro
 def test_convert_gate_refuses_a_gguf_of_another_model(rotated_run, tiny_phi3_dir, tmp_path):
     from pipeline import llamacpp
 
-    try:
-        llamacpp.load_bindings()
-    except llamacpp.ToolchainError as e:
-        pytest.skip(f"pinned llama.cpp not built ({e})")
+    needs_llama_cpp(bindings=True)
     fuse_module.fuse(rotated_run)
     out = tmp_path / "t-f16.gguf"
     with pytest.raises(FidelityError, match="fidelity gate failed at convert"):
@@ -103,10 +101,7 @@ def convert_gated(cfg, phi35_base, tmp_path):
     """The converter run as make runs it: the GGUF is kept only if check_converted passes."""
     from pipeline import llamacpp
 
-    try:
-        llamacpp.load_bindings()
-    except llamacpp.ToolchainError as e:
-        pytest.skip(f"pinned llama.cpp not built ({e})")
+    needs_llama_cpp(bindings=True)
     out = tmp_path / "p-f16.gguf"
     llamacpp.convert_hf_to_gguf(phi35_base, out, "f16", model_name="phi35-shaped",
                                 check=lambda tmp: check_converted(cfg, phi35_base, tmp))

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from makeutil import needs_llama_cpp
+
 pytestmark = pytest.mark.slow
 
 CHAT = [
@@ -22,12 +24,7 @@ CHAT = [
 
 @pytest.fixture(scope="module")
 def llama_cpp():
-    from pipeline import llamacpp
-
-    try:
-        return llamacpp.load_bindings()
-    except llamacpp.ToolchainError as e:
-        pytest.skip(f"pinned llama.cpp or its bindings missing ({e}); `make test` builds them")
+    return needs_llama_cpp(bindings=True)
 
 
 @pytest.fixture(scope="module")

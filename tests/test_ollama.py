@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, small_config, write_config
+from makeutil import needs_llama_cpp
 from ollama_contract import FakeOllama
 from pipeline.config import load_config
 from pipeline.errors import OllamaError
@@ -85,10 +86,7 @@ def built(cfg, tiny_phi3_dir):
     """A real (tiny) quantized GGUF and its Modelfile, as make would leave them."""
     from pipeline import llamacpp
 
-    try:
-        llamacpp.require_install()
-    except llamacpp.ToolchainError as e:
-        pytest.skip(f"pinned llama.cpp not built ({e})")
+    needs_llama_cpp()
     gguf = cfg.gguf_path("Q4_K_M")
     llamacpp.convert_hf_to_gguf(tiny_phi3_dir, gguf, "q8_0", model_name="t-phi3")
     write_modelfile(cfg)

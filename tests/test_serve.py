@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from conftest import REPO
+from makeutil import needs_llama_cpp
 from metrics_fixture import fixture_config
 from pipeline import llamacpp
 from pipeline.audit import verify
@@ -308,10 +309,7 @@ def wait_http(url: str, proc: subprocess.Popen, seconds: float = 60) -> None:
 
 @pytest.fixture(scope="module")
 def llama_server(tiny_phi3_dir, tmp_path_factory):
-    try:
-        llamacpp.require_install()
-    except llamacpp.ToolchainError as e:
-        pytest.skip(f"needs the pinned llama.cpp build: {e}")
+    needs_llama_cpp()
     server = llamacpp.tool("llama-server")  # a build without it is a broken build script: fail, not skip
     gguf = llamacpp.convert_hf_to_gguf(tiny_phi3_dir, tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf", "f16")
     port = free_port()

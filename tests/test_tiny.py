@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from makeutil import needs_llama_cpp
 from pipeline import tiny
 from pipeline.tiny import build_tiny_phi3
 
@@ -219,19 +219,8 @@ def test_other_hidden_sizes(tmp_path, hidden_size):
 
 @pytest.fixture(scope="module")
 def llama_cpp():
-    """The llama_cpp bindings, pointed at the pinned build's shared libraries; skips when missing."""
-    from pipeline import llamacpp
-
-    try:
-        lib = llamacpp.library_dir()
-    except llamacpp.ToolchainError as err:
-        pytest.skip(f"llama.cpp toolchain not built: {err}")
-    os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(lib))
-    try:
-        import llama_cpp
-    except Exception as err:  # ImportError, or OSError from loading the shared library
-        pytest.skip(f"llama_cpp bindings do not import: {err}")
-    return llama_cpp
+    """The llama_cpp bindings, bound to the pinned build's shared libraries (makeutil.needs_llama_cpp)."""
+    return needs_llama_cpp(bindings=True)
 
 
 # The converter names the GGUF after the folder (general.name) unless told otherwise, and llama.cpp
