@@ -379,10 +379,13 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     # The prepared dataset is tokenizer-independent; what tokenization does with it is train's.
     "data": ("run.seed", "data.train", "data.validation_fraction", "data.pii", "data.dedup"),
     "train": ("run.seed", "model", "data.max_length", "data.overlong", "data.packing", "train", "soul"),
-    "fuse": ("fuse", "fidelity"),  # merge_base auto compares candidates with the gate's prompts
-    "convert": ("gguf.outtype", "fidelity"),
+    # Each gated stage follows its own bound only: a tighter quantize bound re-runs quantize, not fuse.
+    "fuse": ("fuse", "fidelity.enabled", "fidelity.max_kl_fused"),
+    "convert": ("gguf.outtype", "fidelity.enabled", "fidelity.max_kl_converted", "fidelity.compare_f32",
+                "fidelity.max_kl_converted_f32", "fidelity.f32_slice_layers"),
     "imatrix": ("gguf.imatrix",),
-    "quantize": ("gguf.output_tensor_type", "gguf.imatrix", "fidelity"),
+    "quantize": ("gguf.output_tensor_type", "gguf.imatrix", "fidelity.enabled", "fidelity.max_kl_quantized",
+                 "fidelity.max_kl_quantized_default"),
     "modelfile": ("ollama", "gguf.quantizations"),  # FROM names the first quantization
     "register": ("ollama.model",),
     "plots": ("train.steps", "soul"),  # the phase boundaries shaded in the figures

@@ -43,6 +43,7 @@ from .config import Config
 from .constants import LONG_CONTEXT_PROBE
 from .errors import PipelineError
 from .hf import load_tokenizer, load_trained
+from .integrity import remove
 from .layered import Variant, layered_logits, stored_weight, write_layer_slice
 from .modeldir import context_lengths
 from .soul import SOUL_FILE, SO8Soul, SoulState, load_soul
@@ -195,11 +196,11 @@ def discard_from(cfg: Config, step: str) -> None:
         shutil.rmtree(cfg.fused_dir, ignore_errors=True)
     if kind in ("fuse", "convert"):
         for p in gguf_dir.glob(f"{cfg.run.name}-*.gguf"):
-            p.unlink()
+            remove(p)  # with its .sha256 sidecar
         if cfg.imatrix_path is not None:
-            cfg.imatrix_path.unlink(missing_ok=True)
+            remove(cfg.imatrix_path)
     if kind == "quantize":
-        cfg.gguf_path(detail).unlink(missing_ok=True)
+        remove(cfg.gguf_path(detail))
 
 
 def bound_for(cfg: Config, qtype: str) -> tuple[float, str]:

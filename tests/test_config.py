@@ -171,6 +171,22 @@ def test_stage_stamps_depend_only_on_their_keys(tiny_phi3_dir, tmp_path):
     assert changed == {"modelfile"}
 
 
+@pytest.mark.parametrize("key,value,stage", [
+    ("max_kl_fused", 0.01, "fuse"),
+    ("max_kl_converted", 1e-4, "convert"),
+    ("compare_f32", False, "convert"),
+    ("max_kl_quantized", {"Q4_K_M": 0.05}, "quantize"),
+    ("max_kl_quantized_default", 0.1, "quantize"),
+])
+def test_a_fidelity_bound_re_runs_only_the_stage_it_gates(tiny_phi3_dir, tmp_path, key, value, stage):
+    base = small_config(tiny_phi3_dir, tmp_path / "b")
+    a = load_config(write_config(tmp_path / "a.yaml", base))
+    b = load_config(write_config(tmp_path / "b.yaml", {**base, "fidelity": {**base["fidelity"], key: value}}))
+    changed = {s for s in ("train", "fuse", "convert", "imatrix", "quantize", "modelfile")
+               if stage_inputs_json(a, s) != stage_inputs_json(b, s)}
+    assert changed == {stage}
+
+
 def test_ollama_rules_accept_what_ollama_accepts(tiny_phi3_dir, tmp_path):
     good = {"ollama": {"model": "Agiasi_Borea-3.5:v1.0", "allow_long_context": False,
                        "parameters": {"num_ctx": 4096, "temperature": 1, "use_mmap": True, "top_p": 0.9}},

@@ -8,29 +8,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from conftest import REPO, small_config, write_config
+from makeutil import adopt_trained_run, needs_llama_cpp, run_make
 from pipeline.config import load_config
-from pipeline.plan import write_plan
-from test_chain import needs_llama_cpp
 
 pytestmark = pytest.mark.slow
 
 HELDOUT = REPO / "data" / "heldout_ja.txt"
 MODELS = ["base", "trained", "fused", "f16", "Q4_K_M"]
-
-
-def make_eval(config, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "--no-print-directory", "-f", "pipeline.mk", *flags, "eval", f"CONFIG={config}",
-                           f"PY={sys.executable}"], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "MAKEFLAGS": ""})
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +30,8 @@ def run(fused_run, tiny_phi3_dir, tmp_path_factory):
     # scale is not yet learned away, see test_a_model_past_the_bound...): a loose bound here.
     settings = small_config(tiny_phi3_dir, root / "build", eval={"heldout": str(HELDOUT), "max_ppl_ratio": 1000.0})
     cfg = load_config(write_config(root / "config.yaml", settings))
-    shutil.copytree(fused_run.prepared_dir, cfg.prepared_dir)  # copy2 keeps them older than the checkpoint
-    shutil.copytree(fused_run.final_checkpoint, cfg.final_checkpoint)
-    shutil.copytree(fused_run.fused_dir, cfg.fused_dir)
-    cfg.reports_dir.mkdir(parents=True)
-    for report in ("data.json", "data.md", "fidelity.json"):
-        if (fused_run.reports_dir / report).is_file():
-            shutil.copy2(fused_run.reports_dir / report, cfg.reports_dir / report)
-    write_plan(cfg)
-    for stamp in cfg.stamp_dir.iterdir():
-        os.utime(stamp, (0, 0))
-    first = make_eval(cfg.source)
+    adopt_trained_run(fused_run, cfg)
+    first = run_make(cfg.source, "eval")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     return cfg, settings, first
 
@@ -119,7 +99,7 @@ def test_perplexity_is_the_models_own_loss_on_the_heldout_tokens(run):
 
 def test_second_make_eval_does_nothing(run):
     cfg, _, _ = run
-    proc = make_eval(cfg.source)
+    proc = run_make(cfg.source, "eval")
     assert proc.returncode == 0 and "==>" not in proc.stdout, proc.stdout
 
 
@@ -129,7 +109,7 @@ def test_a_model_past_the_bound_fails_but_keeps_its_report(run):
     strict = ratio / 2
     write_config(cfg.source, {**settings, "eval": {**settings["eval"], "max_ppl_ratio": strict}})
     try:
-        proc = make_eval(cfg.source)
+        proc = run_make(cfg.source, "eval")
         assert proc.returncode != 0
         assert "==> [eval] building reports/eval.passed because stamps/eval.stamp changed" in proc.stdout
         assert f"trained / base perplexity = {ratio:.4g} > {strict:g} (eval.max_ppl_ratio)" in proc.stderr
@@ -137,6 +117,6 @@ def test_a_model_past_the_bound_fails_but_keeps_its_report(run):
         assert report["passed"] is False and report["bound"]["max"] == strict and len(report["rows"]) == 5
         assert "**Japanese ability maintained: FAIL**" in cfg.eval_report.with_suffix(".md").read_text("utf-8")
         assert not cfg.eval_passed.exists()
-        assert make_eval(cfg.source, "-q").returncode != 0, "a failed eval must not look up to date"
+        assert run_make(cfg.source, "eval", "-q").returncode != 0, "a failed eval must not look up to date"
     finally:
         write_config(cfg.source, settings)
