@@ -440,9 +440,40 @@ def test_bad_input_is_refused_cleanly(case: Case, outcomes):
     assert not (REPO / "pipeline" / "t").exists()
 
 
-def test_the_corpus_is_large_and_distinct():
-    assert len(CASES) >= 30
+def test_case_names_are_distinct():
+    """`outcomes` is keyed by name: two cases of one name would share one outcome."""
     assert len({c.name for c in CASES}) == len(CASES)
+
+
+def test_check_refusal_fails_what_is_no_clean_refusal(tiny_phi3_dir, tmp_path):
+    """Negative controls for check_refusal, on the real CLI: a command that succeeds, a refusal for
+    another reason than the case names, and a refusal that left a stage output behind."""
+    def outcome(name: str, build: Callable[[Env], list[str]]) -> Outcome:
+        env = Env(tmp_path / name, {"phi3": tiny_phi3_dir})
+        env.tmp.mkdir()
+        argv = build(env)
+        before = snapshot(env.tmp)
+        proc = subprocess.run([sys.executable, "-m", "pipeline", *argv], cwd=REPO, capture_output=True, text=True,
+                              env=pipeline_env({}), stdin=subprocess.DEVNULL, timeout=300)
+        return Outcome(env.tmp, proc, before, snapshot(env.tmp))
+
+    good = outcome("good", lambda e: ["check-config", "--config", str(e.config())])
+    assert good.proc.returncode == 0, good.proc.stderr
+    with pytest.raises(AssertionError):
+        check_refusal(Case("good", lambda e: [], ("error",), exit_code=None), good)
+
+    refused = outcome("refused", lambda e: ["check-config", "--config", str(e.config(trian={}))])
+    check_refusal(Case("refused", lambda e: [], ("trian: unknown key",)), refused)  # the control's control
+    with pytest.raises(AssertionError):
+        check_refusal(Case("refused", lambda e: [], ("train.stepz: unknown key",)), refused)
+    with pytest.raises(AssertionError):
+        check_refusal(Case("refused", lambda e: [], ("trian: unknown key",), exit_code=1), refused)
+    stray = refused.tmp / "build" / "t" / "gguf" / "t-f16.gguf"  # as if the command had written it
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"GGUF")
+    with pytest.raises(AssertionError, match="left files behind"):
+        check_refusal(Case("refused", lambda e: [], ("trian: unknown key",)),
+                      Outcome(refused.tmp, refused.proc, refused.before, snapshot(refused.tmp)))
 
 
 # -- through make: the DAG stops at the same point and builds nothing ----------------

@@ -28,14 +28,50 @@ def test_load_trained_is_base_plus_adapter_plus_soul(trained_run):
 
 
 def test_chat_command_answers_and_reads_a_conversation(trained_run):
+    """The command prints what `reply` answers: to --prompt, and turn by turn to a conversation
+    read from stdin, each turn answered with the whole conversation so far."""
     ckpt = str(trained_run.final_checkpoint)
+    model, tok = load_trained(trained_run.final_checkpoint, device=torch.device("cpu"))
+    first, second = {"role": "user", "content": "こんにちは"}, {"role": "user", "content": "ありがとう"}
+
+    def answer(*messages: dict) -> str:
+        return reply(model, tok, list(messages), max_new_tokens=8)
+
     one = subprocess.run([sys.executable, "-m", "pipeline", "chat", "--checkpoint", ckpt, "--prompt", "こんにちは",
-                          "--max-new-tokens", "4"], cwd=REPO, capture_output=True, text=True)
+                          "--max-new-tokens", "8"], cwd=REPO, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
-    many = subprocess.run([sys.executable, "-m", "pipeline", "chat", "--checkpoint", ckpt, "--max-new-tokens", "4"],
-                          cwd=REPO, capture_output=True, text=True, input="こんにちは\nありがとう\n\n")
+    a1 = answer(first)
+    assert one.stdout == a1 + "\n"
+    many = subprocess.run([sys.executable, "-m", "pipeline", "chat", "--checkpoint", ckpt, "--max-new-tokens", "8"],
+                          cwd=REPO, capture_output=True, text=True, input="こんにちは\nありがとう\n\nnot read\n")
     assert many.returncode == 0, many.stderr[-2000:]
-    assert len(many.stdout.strip().splitlines()) >= 1
+    a2 = answer(first, {"role": "assistant", "content": a1}, second)
+    assert a1 and a2 and many.stdout == f"{a1}\n{a2}\n", many.stdout
+
+
+def test_chat_answers_each_turn_with_the_conversation_so_far(trained_run, monkeypatch, capsys):
+    """What `chat` hands `reply` per turn: the tiny model's answers hardly depend on their context,
+    so the conversation is checked where it is built."""
+    import io
+
+    from pipeline import chat
+
+    asked: list[list[dict]] = []
+
+    def recording_reply(model, tokenizer, messages, **kw):
+        asked.append([dict(m) for m in messages])
+        return f"answer {len(asked)}"
+
+    monkeypatch.setattr(chat, "reply", recording_reply)
+    monkeypatch.setattr("sys.stdin", io.StringIO("こんにちは\n  ありがとう \n\nnot read\n"))
+    chat.chat(trained_run.final_checkpoint, system="丁寧に答えてください。", max_new_tokens=4)
+    system = {"role": "system", "content": "丁寧に答えてください。"}
+    assert asked == [
+        [system, {"role": "user", "content": "こんにちは"}],
+        [system, {"role": "user", "content": "こんにちは"}, {"role": "assistant", "content": "answer 1"},
+         {"role": "user", "content": "ありがとう"}],
+    ]
+    assert capsys.readouterr().out == "answer 1\nanswer 2\n"
 
 
 def test_chat_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):

@@ -22,7 +22,7 @@ from pipeline.audit import FIELDS
 from pipeline.config import load_config
 from pipeline.dashboard import dashboard_router
 from pipeline.evaluate import build_report
-from pipeline.fidelity import record
+from pipeline.fidelity import Comparison, gate_fused
 from pipeline.plan import write_plan
 
 HELDOUT = REPO / "data" / "heldout_ja.txt"
@@ -159,19 +159,39 @@ def test_metrics_after_n_and_a_half_written_line(run):
         cfg.metrics_path.write_text(original, encoding="utf-8")
 
 
+def config_value(cfg, key: str):
+    """The setting a dotted key names (fidelity.max_kl_fused); a KeyError for a key the config lacks."""
+    value = cfg
+    for part in key.split("."):
+        if not hasattr(value, part):
+            raise KeyError(f"{key}: no such config key ({part!r})")
+        value = getattr(value, part)
+    return value
+
+
+def test_config_value_refuses_a_key_the_config_lacks(run):
+    cfg = run[0]
+    assert config_value(cfg, "fidelity.max_kl_fused") == cfg.fidelity.max_kl_fused
+    with pytest.raises(KeyError, match="fidelity.fuse_max_kl"):
+        config_value(cfg, "fidelity.fuse_max_kl")
+
+
 def test_reports_as_their_stages_wrote_them(run):
     cfg, _, _, client = run
     empty = client.get("/api/reports").json()
     assert empty["fidelity"]["data"] is None and empty["eval"]["data"] is None
-    record(cfg, "fuse", {"reference": "trained", "candidate": "fused", "kl": 1e-9, "top1": 1.0, "max_abs": 1e-5,
-                         "bound": 1e-4, "bound_key": "fidelity.fuse_max_kl", "passed": True})
+    # The fuse stage's own writer: its entry names the bound by the config key it was read from.
+    gate_fused(cfg, Comparison(kl=1e-9, top1=1.0, max_abs=1e-5, positions=40), "original")
     rows = [{"model": m, "source": m, "runtime": "transformers", "tokens": 10, "nll": 1.0 + i / 10,
              "perplexity": 2.7 + i} for i, m in enumerate(["base", "trained", "fused", "f16", "q4_k_m"])]
     report = build_report(cfg, rows, [[1, 2, 3]])
     cfg.eval_report.write_text(json.dumps(report), encoding="utf-8")
     try:
         body = client.get("/api/reports").json()
-        assert body["fidelity"]["data"]["fuse"]["kl"] == 1e-9 and body["fidelity"]["error"] is None
+        fuse = body["fidelity"]["data"]["fuse"]
+        assert fuse["kl"] == 1e-9 and fuse["passed"] is True and body["fidelity"]["error"] is None
+        assert fuse["bound_key"] == "fidelity.max_kl_fused"
+        assert fuse["bound"] == config_value(cfg, fuse["bound_key"]) == cfg.fidelity.max_kl_fused
         assert body["eval"]["data"] == json.loads(json.dumps(report))
         cfg.eval_report.write_text('{"rows": [', encoding="utf-8")
         broken = client.get("/api/reports").json()["eval"]

@@ -9,7 +9,7 @@ import torch
 from pipeline.config import SoulSection
 from pipeline.soul import (
     SO8Soul, SoulHead, alpha_at, apply_blocks, fold_soul_into_head, load_soul, orthogonality_error,
-    phase_at, save_soul,
+    phase_at, save_soul, sigmoid,
 )
 
 
@@ -52,6 +52,23 @@ def test_soul_forward_matches_formula():
     assert torch.allclose(soul(h), expected, atol=1e-5)
 
 
+def test_soul_stays_float32_under_bfloat16_autocast():
+    """Training runs the model under bf16 autocast; the soul must still compute R h in float32
+    (the rotation is exact only there). Its output, rounded once to the input's bfloat16, is the
+    float64 formula's; the same formula left to autocast (R h as a bf16 matmul) is told apart."""
+    soul = random_soul(alpha=1.618)
+    h = torch.randn(64, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    r, gate = soul.rotation().detach(), torch.sigmoid(torch.tensor(1.618, dtype=torch.float64))
+    exact = (h.double() + gate * apply_blocks(r.double(), h.double())).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out = soul(h)
+        left_to_autocast = (h.float() + gate.float() * torch.einsum("bij,...bj->...bi", r, h.float().unflatten(
+            -1, (8, 8))).flatten(-2)).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert (out != exact).double().mean() < 0.01
+    assert (left_to_autocast != exact).double().mean() > 0.1
+
+
 def test_fold_is_exact_and_differs_from_wrong_folds():
     soul = random_soul(alpha=0.9)
     head = torch.nn.Linear(64, 50, bias=False)
@@ -72,10 +89,29 @@ def test_fold_rejects_wrong_size():
         fold_soul_into_head(torch.zeros(10, 64), torch.eye(8).expand(4, 8, 8), 0.0)
 
 
+def off_correct_rounding(out: torch.Tensor, w: torch.Tensor, r: torch.Tensor, alpha: float) -> float:
+    """Fraction of W' entries that differ from W + sigmoid(alpha) W R computed in float64 and
+    rounded once to out's dtype: float32 inside leaves a rare tie, bfloat16 inside rounds
+    at each of its steps and misses about a third."""
+    exact = w.double() + torch.sigmoid(torch.tensor(alpha, dtype=torch.float64)) * (
+        w.double() @ torch.block_diag(*r.double()))
+    return (out != exact.to(out.dtype)).double().mean().item()
+
+
 def test_fold_keeps_dtype_and_computes_in_float32():
-    w = torch.randn(32, 64).to(torch.bfloat16)
-    out = fold_soul_into_head(w, random_soul().rotation(), 1.0)
+    w = torch.randn(512, 64, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    r = random_soul().rotation()
+    out = fold_soul_into_head(w, r, 1.0)
     assert out.dtype == torch.bfloat16
+    assert off_correct_rounding(out, w, r, 1.0) < 0.01
+    # The negative control: one formula (W R per row is R^T per block), computed in float32
+    # and in bfloat16; only the bfloat16 computation is told apart.
+    def fold_in(dtype: torch.dtype) -> torch.Tensor:
+        wd = w.to(dtype)
+        return (wd + sigmoid(1.0) * apply_blocks(r.transpose(-1, -2).to(dtype), wd)).to(torch.bfloat16)
+
+    assert off_correct_rounding(fold_in(torch.float32), w, r, 1.0) < 0.01
+    assert off_correct_rounding(fold_in(torch.bfloat16), w, r, 1.0) > 0.1
 
 
 def test_schedule_is_the_seeds_phase_transition():
