@@ -129,6 +129,14 @@ demo: $(VENV_READY) $(LLAMA_READY) $(TINY)/config.json ## Whole chain on the tin
 test: $(VENV_READY) $(LLAMA_READY) $(UI_READY) $(BROWSER_READY) ## Run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Mutation testing: each realistic bug of tests/mutants.py applied alone to a copy of the tree,
+# run against the tests that should catch it; every mutant must be killed. Slow (about 40
+# minutes), so not part of `make test`. MUTANTS=name[,name...] runs only those.
+MUTANTS ?=
+.PHONY: mutants
+mutants: $(VENV_READY) $(LLAMA_READY) $(UI_READY) ## Check the tests catch each bug of tests/mutants.py (slow)
+	$(PY) tests/mutants.py $(MUTANTS)
+
 # The real run's cost at full size: a random Phi-3.5-mini-shaped base (3.8B) through
 # train, fuse, convert, quantize, each stage's wall time, peak memory and disk
 # (about 40 minutes on 2 cores, 30 GB of disk under build/). LAYERS=4 for a quick one.

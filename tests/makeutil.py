@@ -28,13 +28,27 @@ def needs_llama_cpp(bindings: bool = False):
     return llamacpp.load_bindings() if bindings else path
 
 
-def copy_source_tree(dest: Path) -> Path:
-    """A copy of this checkout's source (tracked files and new ones git does not ignore, with their
-    mtimes, so Make sees the same order) at dest, with `.venv` linked to this interpreter's env:
-    a clone as a user has it, whose `make` installs nothing again and builds into its own build/."""
+# Folders of build outputs and environments (.gitignore's), for a checkout that is not a git one.
+NOT_SOURCE = {".git", ".venv", "build", "__pycache__", ".pytest_cache", ".hypothesis", "node_modules"}
+
+
+def source_files() -> list[str]:
+    """This checkout's source files, relative to it: what git tracks and the new files it does not
+    ignore; outside a git checkout (a copy of one, the Docker image's source) every file outside
+    the folders of build outputs and environments."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
-    for rel in filter(None, listed):
+                            cwd=REPO, capture_output=True)
+    if listed.returncode == 0:
+        return [rel for rel in listed.stdout.decode().split("\0") if rel]
+    return [str(p.relative_to(REPO)) for p in REPO.rglob("*")
+            if p.is_file() and not NOT_SOURCE & set(p.relative_to(REPO).parts)]
+
+
+def copy_source_tree(dest: Path) -> Path:
+    """A copy of this checkout's source (with their mtimes, so Make sees the same order) at dest,
+    with `.venv` linked to this interpreter's env: a clone as a user has it, whose `make` installs
+    nothing again and builds into its own build/."""
+    for rel in source_files():
         src = REPO / rel
         if src.is_file():  # a deleted file is still listed until it is committed
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
