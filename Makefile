@@ -130,7 +130,7 @@ test: $(VENV_READY) $(LLAMA_READY) $(UI_READY) $(BROWSER_READY) ## Run the test 
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Mutation testing: each realistic bug of tests/mutants.py applied alone to a copy of the tree,
-# run against the tests that should catch it; every mutant must be killed. Slow (about 40
+# run against the tests that should catch it; every mutant must be killed. Slow (about 15
 # minutes), so not part of `make test`. MUTANTS=name[,name...] runs only those.
 MUTANTS ?=
 .PHONY: mutants
