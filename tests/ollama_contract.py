@@ -1,6 +1,10 @@
 """A contract server for our REST client: the endpoints it uses, behaving as Ollama's source
-(v0.33) says, each behaviour citing the file it follows. It rejects what Ollama rejects; it does
-not run a model (the answer is set by the test).
+(v0.33.0-rc2, fb30760) says, each behaviour citing the file it follows. It rejects what Ollama
+rejects; it does not run a model (the answer is set by the test).
+
+Its rules (names, options) are its own copies, taken from Ollama's Go source, not the
+project's pipeline/ollama_rules.py: a stand-in that shared the client's rules would only test
+the project against itself.
 """
 from __future__ import annotations
 
@@ -9,26 +13,102 @@ import http.server
 import json
 
 from gotemplate import render
-from pipeline.ollama_rules import OPTIONS, display_shortest, name_is_valid, parse_name
+
+# -- api/types.go: Options (with Runner embedded), each json key and its Go field's type ------------
+OPTION_TYPES = {
+    "num_ctx": "int", "num_batch": "int", "num_gpu": "int", "main_gpu": "*int", "use_mmap": "*bool",
+    "num_thread": "int", "draft_num_predict": "int",
+    "num_keep": "int", "seed": "int", "num_predict": "int", "top_k": "int", "top_p": "float32",
+    "min_p": "float32", "typical_p": "float32", "repeat_last_n": "int", "temperature": "float32",
+    "repeat_penalty": "float32", "presence_penalty": "float32", "frequency_penalty": "float32",
+    "stop": "[]string",
+}
 
 
 def from_map(options: dict) -> str | None:
-    """api/types.go Options.FromMap: the error a chat gets for a stored or requested option of
-    the wrong JSON type; unknown keys are dropped (only logged)."""
+    """api/types.go Options.FromMap on JSON-decoded values (numbers are float64): the error a chat
+    gets for a stored or requested option of the wrong type; unknown keys and nulls are skipped."""
     for key, value in options.items():
-        if key not in OPTIONS or value is None:
-            continue
-        kind = OPTIONS[key][0]
+        kind = OPTION_TYPES.get(key)
+        if kind is None or value is None:
+            continue  # slog.Warn("invalid option provided"); a nil value is left alone
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if kind == "int" and not number:
+        if kind in ("int", "*int") and not number:
             return f'option "{key}" must be of type integer'
-        if kind == "float" and not number:
-            return f'option "{key}" must be of type float32'
-        if kind == "bool" and not isinstance(value, bool):
+        if kind == "*bool" and not isinstance(value, bool):
             return f'option "{key}" must be of type boolean'
-        if kind == "list" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            return f'option "{key}" must be of type array'
+        if kind == "float32" and not number:
+            return f'option "{key}" must be of type float32'
+        if kind == "[]string":
+            if not isinstance(value, list):
+                return f'option "{key}" must be of type array'
+            if not all(isinstance(v, str) for v in value):
+                return f'option "{key}" must be of an array of strings'
     return None
+
+
+# -- types/model/name.go: ParseName, IsValid, DisplayShortest -----------------------------------------
+MISSING_PART = "!MISSING!"
+DEFAULT_NAME = {"host": "registry.ollama.ai", "namespace": "library", "tag": "latest"}
+
+
+def cut_promised(s: str, sep: str) -> tuple[str, str, bool]:
+    """cutPromised: cut at the last sep; an empty side becomes MissingPart (never valid)."""
+    i = s.rfind(sep)
+    if i < 0:
+        return s, "", False
+    return s[:i] or MISSING_PART, s[i + len(sep):] or MISSING_PART, True
+
+
+def parse_name(s: str) -> dict[str, str]:
+    """ParseName: ParseNameBare, then Merge with DefaultName (empty host, namespace, tag filled)."""
+    n = {"host": "", "namespace": "", "model": "", "tag": ""}
+    if s.rfind(":") > s.rfind("/"):  # "/" is an illegal tag character
+        s, n["tag"], _ = cut_promised(s, ":")
+    s, n["model"], promised = cut_promised(s, "/")
+    if not promised:
+        n["model"] = s
+    else:
+        s, n["namespace"], promised = cut_promised(s, "/")
+        if not promised:
+            n["namespace"] = s
+        else:
+            scheme, sep, host = s.partition("://")
+            n["host"] = host if sep else scheme
+    return {k: v or DEFAULT_NAME.get(k, "") for k, v in n.items()}
+
+
+def is_valid_part(kind: str, s: str) -> bool:
+    """isValidPart with isValidLen: a host 1-350 bytes, the rest 1-80; the first byte alphanumeric
+    or "_", then also "_" "-", "." except in a namespace, ":" only in a host. Go's `for i := range s`
+    visits the first byte of each rune, and a multi-byte rune's first byte is never allowed."""
+    if not 1 <= len(s.encode()) <= (350 if kind == "host" else 80):
+        return False
+    for i, ch in enumerate(s):
+        plain = ch.isascii() and (ch.isalnum() or ch == "_")
+        if i == 0:
+            if not plain:
+                return False
+        elif not (plain or ch in "_-" or (ch == "." and kind != "namespace") or (ch == ":" and kind == "host")):
+            return False
+    return True
+
+
+def name_is_valid(name: str) -> bool:
+    """ParseName(name).IsValid(): IsFullyQualified, every part present and valid."""
+    n = parse_name(name)
+    return all(is_valid_part(kind, n[kind]) for kind in ("host", "namespace", "model", "tag"))
+
+
+def display_shortest(name: str) -> str:
+    """Name.DisplayShortest: host/namespace/ unless the default host, namespace/ unless the default
+    namespace (both compared with EqualFold), then always model:tag."""
+    n = parse_name(name)
+    if n["host"].lower() != DEFAULT_NAME["host"]:
+        return f"{n['host']}/{n['namespace']}/{n['model']}:{n['tag']}"
+    if n["namespace"].lower() != DEFAULT_NAME["namespace"]:
+        return f"{n['namespace']}/{n['model']}:{n['tag']}"
+    return f"{n['model']}:{n['tag']}"
 
 
 def valid_path(name: str) -> bool:
@@ -130,7 +210,7 @@ class FakeOllama(http.server.BaseHTTPRequestHandler):
                 return self._reply(400, {"error": "file path must be relative"})  # errFilePath
             if not digest:
                 return self._reply(400, {"error": "invalid digest format"})  # manifest/paths.go
-        if not name_is_valid(parse_name(req.get("model", ""))):
+        if not name_is_valid(req.get("model", "")):
             return self._reply(400, {"error": "invalid model name"})  # types/errtypes/errtypes.go
         if not req.get("files"):
             return self._reply(400, {"error": "neither 'from' or 'files' was specified"})

@@ -295,6 +295,18 @@ def test_model_names_follow_types_model_name(name, valid):
     assert name_is_valid(parse_name_bare(name)) is valid
 
 
+@pytest.mark.parametrize("name", [*NAME_CASES, "agiasi-borea", "Agiasi.Borea:3.5", "agiasi borea", "名前"],
+                         ids=lambda n: n[:20] or "empty")
+def test_the_contract_servers_own_name_rules_agree_with_the_clients(name):
+    """Two copies of types/model/name.go, each written from Ollama's source: the client's
+    (pipeline/ollama_rules.py) and the contract server's own (tests/ollama_contract.py)."""
+    import ollama_contract
+    from pipeline.ollama_rules import display_shortest, name_is_valid, parse_name
+
+    assert ollama_contract.name_is_valid(name) is name_is_valid(parse_name(name))
+    assert ollama_contract.display_shortest(name) == display_shortest(name)
+
+
 def test_display_shortest_is_how_tags_lists_a_model():
     from pipeline.ollama_rules import display_shortest, name_problem
 
@@ -357,9 +369,15 @@ def test_the_modelfile_always_sets_num_ctx(built, tmp_path, fake_ollama):
 def test_what_the_server_stores_passes_from_map(built, fake_ollama, no_ollama_cli):
     """A chat runs the stored parameters through Options.FromMap; the contract server refuses
     a string for a number as Ollama does, and ours never sends one."""
-    from ollama_contract import from_map
+    from ollama_contract import OPTION_TYPES, from_map
+    from pipeline.ollama_rules import OPTIONS
 
+    assert set(OPTION_TYPES) == set(OPTIONS)  # both copies of api/types.go's Options know the same keys
     assert from_map({"num_ctx": "4096"}) == 'option "num_ctx" must be of type integer'
+    assert from_map({"use_mmap": 1}) == 'option "use_mmap" must be of type boolean'
+    assert from_map({"stop": "<|end|>"}) == 'option "stop" must be of type array'
+    assert from_map({"stop": ["<|end|>", 1]}) == 'option "stop" must be of an array of strings'
+    assert from_map({"temperature": 1, "num_ctx": 4096.0, "seed": None}) is None  # JSON numbers are float64
     assert from_map({"temprature": "x"}) is None  # unknown: dropped with a log line only
     register(built)
     assert from_map(fake_ollama.models["agiasi-demo:latest"]["parameters"]) is None
