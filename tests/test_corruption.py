@@ -6,7 +6,6 @@ the damaged artifact and what depends on it were rebuilt, to the same bytes.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess

@@ -26,7 +26,6 @@ from collections import Counter
 
 import pytest
 
-from conftest import REPO
 from makeutil import copy_source_tree, needs_llama_cpp
 from pipeline.config import load_config
 from pipeline.evaluate import heldout_chunks, negative_log_likelihood
