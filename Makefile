@@ -21,7 +21,7 @@ PROMPT  ?= こんにちは。自己紹介をしてください。
 SUBMAKE := $(MAKE) --no-print-directory -f pipeline.mk PY=$(PY) NPROC=$(NPROC)
 # A build holds its run folder's lock (pipeline/runlock.py) for its whole life: a
 # second `make` on the same run waits for the first, then finds its work done.
-locked = $(PY) -m pipeline locked --config $(1) --
+locked = $(PY) -m pipeline locked --config "$(1)" --
 VENV_READY := $(VENV)/.installed
 LLAMA_READY := $(VENV)/.llama-cpp
 # In the Docker image (docker/Dockerfile) the image is the environment: it sets
@@ -29,11 +29,13 @@ LLAMA_READY := $(VENV)/.llama-cpp
 # built into the mounted clone (an empty target list makes those rules no-ops).
 UI_READY := pipeline/ui/node_modules/.installed
 BROWSER_READY := browser
+GO_READY := go
 ifeq ($(AGIASI_IMAGE_ENV),1)
 VENV_READY :=
 LLAMA_READY :=
 UI_READY :=
 BROWSER_READY :=
+GO_READY :=
 endif
 
 .DEFAULT_GOAL := help
@@ -87,22 +89,30 @@ browser: ## Install Debian's chromium and a Japanese font for the browser test
 	  echo "==> [browser] installing Debian's chromium and fonts-noto-cjk (apt-get)"; \
 	  $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium fonts-noto-cjk; \
 	fi
+# The tests render Ollama TEMPLATEs with Go's own text/template (tests/gotemplate.py builds
+# tests/gotmpl with it, standard library only). Installed with apt when missing.
+.PHONY: go
+go: ## Install Debian's Go for the template oracle
+	@if ! command -v go >/dev/null; then \
+	  echo "==> [go] installing Debian's golang-go (apt-get)"; \
+	  $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y golang-go; \
+	fi
 serve: $(UI_READY)
 
 # ---- the pipeline (see pipeline.mk) --------------------------------------
 
 .PHONY: data train fuse gguf modelfile ollama ollama-run monitor plots eval serve
 data train fuse: $(VENV_READY)
-	@$(call locked,$(CONFIG)) $(SUBMAKE) $@ CONFIG=$(CONFIG)
+	@$(call locked,$(CONFIG)) $(SUBMAKE) $@ CONFIG="$(CONFIG)"
 gguf modelfile ollama ollama-run eval: $(VENV_READY) $(LLAMA_READY)
-	@$(call locked,$(CONFIG)) $(SUBMAKE) $@ CONFIG=$(CONFIG) PROMPT="$(PROMPT)"
+	@$(call locked,$(CONFIG)) $(SUBMAKE) $@ CONFIG="$(CONFIG)" PROMPT="$(PROMPT)"
 # Readers: they run beside a training (no lock).
 monitor plots: $(VENV_READY)
-	@$(SUBMAKE) $@ CONFIG=$(CONFIG)
+	@$(SUBMAKE) $@ CONFIG="$(CONFIG)"
 # The server reads the run too (a long-lived reader: no lock). SERVE_ARGS="--port 9000 --backend URL"
 SERVE_ARGS ?=
 serve: $(VENV_READY)
-	@$(SUBMAKE) $@ CONFIG=$(CONFIG) SERVE_ARGS="$(SERVE_ARGS)"
+	@$(SUBMAKE) $@ CONFIG="$(CONFIG)" SERVE_ARGS="$(SERVE_ARGS)"
 data: ## Prepare the training data: data/ (train, validation), reports/data.md
 train: ## Train LoRA + soul: checkpoints/final
 fuse: ## Merge LoRA and fold the soul: fused/ (HF model)
@@ -126,7 +136,7 @@ demo: $(VENV_READY) $(LLAMA_READY) $(TINY)/config.json ## Whole chain on the tin
 # ---- checks --------------------------------------------------------------
 
 .PHONY: test
-test: $(VENV_READY) $(LLAMA_READY) $(UI_READY) $(BROWSER_READY) ## Run the test suite
+test: $(VENV_READY) $(LLAMA_READY) $(UI_READY) $(BROWSER_READY) $(GO_READY) ## Run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Mutation testing: each realistic bug of tests/mutants.py applied alone to a copy of the tree,
@@ -134,7 +144,7 @@ test: $(VENV_READY) $(LLAMA_READY) $(UI_READY) $(BROWSER_READY) ## Run the test 
 # minutes), so not part of `make test`. MUTANTS=name[,name...] runs only those.
 MUTANTS ?=
 .PHONY: mutants
-mutants: $(VENV_READY) $(LLAMA_READY) $(UI_READY) ## Check the tests catch each bug of tests/mutants.py (slow)
+mutants: $(VENV_READY) $(LLAMA_READY) $(UI_READY) $(GO_READY) ## Check the tests catch each bug of tests/mutants.py (slow)
 	$(PY) tests/mutants.py $(MUTANTS)
 
 # The real run's cost at full size: a random Phi-3.5-mini-shaped base (3.8B) through

@@ -14,7 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import load_config
+from .config import load_config, make_path
 from .errors import PipelineError
 
 EXIT_NO_OLLAMA = 3
@@ -23,7 +23,7 @@ EXIT_NO_OLLAMA = 3
 def _cmd_plan(args) -> int:
     from .plan import write_plan
 
-    print(write_plan(load_config(args.config)))
+    print(make_path(write_plan(load_config(args.config))))  # what pipeline.mk includes
     return 0
 
 

@@ -204,6 +204,12 @@ class OllamaSection(_Section):
     parameters: dict[str, Any] = Field(default_factory=dict)
     # num_ctx above the model's original context (LongRoPE's long factors for every prompt)
     allow_long_context: bool = False
+    # What `make ollama` proves after create. Both: Ollama renders exactly the prompt training saw
+    # (_debug_render_only) and stores every stop. strict: a greedy Japanese answer ends by a stop
+    # token within 512 tokens, free of raw special tokens (a trained model). smoke: a 16-token
+    # greedy answer arrives (a tiny random model, as in demo.yaml, repeats one token, and Ollama
+    # aborts a stream that repeats one token more than 30 times, llm/llama_server.go).
+    proof: Literal["strict", "smoke"] = "strict"
 
 
 class ServeSection(_Section):
@@ -387,7 +393,7 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "quantize": ("gguf.output_tensor_type", "gguf.imatrix", "fidelity.enabled", "fidelity.max_kl_quantized",
                  "fidelity.max_kl_quantized_default"),
     "modelfile": ("ollama", "gguf.quantizations"),  # FROM names the first quantization
-    "register": ("ollama.model",),
+    "register": ("ollama.model", "ollama.proof"),
     "plots": ("train.steps", "soul"),  # the phase boundaries shaded in the figures
     "eval": ("eval",),
 }
@@ -519,6 +525,7 @@ def _check_values(cfg: Config) -> list[str]:
                         f"--output-tensor-type knows ({', '.join(GGML_WEIGHT_TYPES)})")
     problems.extend(_check_ollama(cfg))
     problems.extend(_check_paths(cfg))
+    problems.extend(_check_make_paths(cfg))
     backend = cfg.serve.backend
     if backend is not None and (problem := backend_url_problem(backend)):
         problems.append(f"serve.backend: {backend!r} {problem}")
@@ -650,10 +657,7 @@ def _check_paths(cfg: Config) -> list[str]:
         if run_dir == folder or folder in run_dir.parents:
             problems.append(f"run.build_dir: the run folder {run_dir} lies inside the project's {name}/, "
                             "which is not for build outputs")
-    inputs = {key: cfg.resolve(s.path) for key, s in _source_keys(cfg) if s.path}
-    if cfg.base_is_local():
-        inputs["model.base"] = cfg.resolve(cfg.model.base)
-    for key, path in inputs.items():
+    for key, path in _local_inputs(cfg).items():
         resolved = path.resolve()
         if resolved == run_dir or run_dir in resolved.parents:
             problems.append(f"{key}: {path} lies inside the run folder {run_dir}, "
@@ -662,6 +666,56 @@ def _check_paths(cfg: Config) -> list[str]:
         known = sorted(p.stem for p in (PROJECT_DIR / "modelfiles").glob("*.Modelfile"))
         problems.append(f"ollama.family: no template modelfiles/{cfg.ollama.family}.Modelfile "
                         f"(known: {', '.join(known)})")
+    return problems
+
+
+def _local_inputs(cfg: Config) -> dict[str, Path]:
+    """key -> path of each local training input: the data files, and the base when it is a folder."""
+    inputs = {key: cfg.resolve(s.path) for key, s in _source_keys(cfg) if s.path}
+    if cfg.base_is_local():
+        inputs["model.base"] = cfg.resolve(cfg.model.base)
+    return inputs
+
+
+# What make reads in a file name as syntax, besides whitespace (which separates names): '#' starts a
+# comment in plan.mk, '$' a variable, '%' a pattern, ':' ';' '|' a rule's parts, '*' '?' a glob, and
+# '"' ends a recipe's quoted text. Make has no escape for these that survives its own functions.
+MAKE_SYNTAX = '#$%:;|*?"'
+
+
+def make_path(path: Path) -> str:
+    """`path` as pipeline.mk names it: relative to the project folder when it lies inside it (make
+    runs there), so that where the clone itself lives (a home folder with a space) never reaches
+    make; else absolute. Paths with `..` or links are resolved first."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(PROJECT_DIR)) if resolved.is_relative_to(PROJECT_DIR) else str(resolved)
+
+
+def make_name_problem(name: str) -> str | None:
+    """What in `name` make cannot take in a file name ("a space", "'#'"), or None."""
+    if any(c.isspace() for c in name):
+        return "a space"
+    found = [c for c in MAKE_SYNTAX if c in name]
+    return " and ".join(repr(c) for c in found) if found else None
+
+
+def _check_make_paths(cfg: Config) -> list[str]:
+    """Each file make is given (the run's artifacts, the inputs plan.mk lists) as make names it
+    (make_path): refused here, naming the key, rather than failing later as "No rule to make target"."""
+    inputs = _local_inputs(cfg)
+    if cfg.imatrix_calibration is not None:
+        inputs["gguf.imatrix.calibration"] = cfg.imatrix_calibration
+    inputs["eval.heldout"] = cfg.heldout_path
+    problems = []
+    if problem := make_name_problem(make_path(cfg.run_dir)):
+        problems.append(f"run.build_dir: the run folder {cfg.run_dir.resolve()} has {problem} in its path, which "
+                        f"make cannot take in a file name; set run.build_dir to a folder whose path has none "
+                        f"(inside the project folder, such as the default build, only the part below it counts)")
+    for key, path in inputs.items():
+        if problem := make_name_problem(make_path(path)):
+            problems.append(f"{key}: {path.resolve()} has {problem} in its path, which make cannot take in a "
+                            f"file name; move or copy it where its path has none (inside the project folder, only "
+                            f"the part below it counts)")
     return problems
 
 

@@ -189,7 +189,7 @@ def _artifact_state(stage: str, paths: list[Path], run_dir: Path, announced: dic
             row.update(state="stale", changed=changed,
                        reason=f"{' '.join(changed)} changed" if changed else "an input will be rebuilt")
         return row
-    if all(p.exists() for p in paths):
+    if all((REPO / p).exists() for p in paths):  # plan.mk names files inside the project relative to it
         row["state"] = "current"
         return row
     block = next((blocked[str(p)] for p in paths if str(p) in blocked), None)

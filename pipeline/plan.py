@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .artifacts import write_if_changed
-from .config import STAGE_INPUTS, Config, stage_inputs_json
+from .config import STAGE_INPUTS, Config, make_path, stage_inputs_json
 from .integrity import sweep
 from .ollama import MODELFILES, primary_quantization, stamp_follows_server
 
@@ -34,33 +34,34 @@ def base_dependencies(cfg: Config) -> list[Path]:
 
 
 def make_variables(cfg: Config) -> dict[str, str]:
+    """plan.mk's variables: the run's name and its files as make names them (config.make_path)."""
     gguf_dir = cfg.gguf_path("x").parent
     quant_paths = [cfg.gguf_path(q) for q in cfg.gguf.quantizations]
     return {
         "RUN_NAME": cfg.run.name,
-        "RUN_DIR": str(cfg.run_dir.resolve()),
-        "STAMP_DIR": str(cfg.stamp_dir.resolve()),
-        "DATA": " ".join(str(p) for p in cfg.local_data_files()),
-        "PREPARED": str(cfg.prepared_marker.resolve()),
-        "DATA_REPORT": str(cfg.data_report.resolve()),
-        "BASE_DEPS": " ".join(str(p) for p in base_dependencies(cfg)),
-        "CHECKPOINT": str(cfg.checkpoint_marker.resolve()),
-        "FUSED": str(cfg.fused_marker.resolve()),
-        "GGUF_DIR": str(gguf_dir.resolve()),
-        "CONVERTED": str(cfg.gguf_path(cfg.gguf.outtype).resolve()),
-        "QUANTIZED": " ".join(str(p.resolve()) for p in quant_paths),
+        "RUN_DIR": make_path(cfg.run_dir),
+        "STAMP_DIR": make_path(cfg.stamp_dir),
+        "DATA": " ".join(make_path(p) for p in cfg.local_data_files()),
+        "PREPARED": make_path(cfg.prepared_marker),
+        "DATA_REPORT": make_path(cfg.data_report),
+        "BASE_DEPS": " ".join(make_path(p) for p in base_dependencies(cfg)),
+        "CHECKPOINT": make_path(cfg.checkpoint_marker),
+        "FUSED": make_path(cfg.fused_marker),
+        "GGUF_DIR": make_path(gguf_dir),
+        "CONVERTED": make_path(cfg.gguf_path(cfg.gguf.outtype)),
+        "QUANTIZED": " ".join(make_path(p) for p in quant_paths),
         # Empty when quantizing without an importance matrix.
-        "IMATRIX": str(cfg.imatrix_path.resolve()) if cfg.imatrix_path else "",
-        "CALIBRATION": str(cfg.imatrix_calibration.resolve()) if cfg.imatrix_calibration else "",
-        "SERVED_GGUF": str(cfg.gguf_path(primary_quantization(cfg)).resolve()),
-        "MODELFILE": str(cfg.modelfile_path.resolve()),
-        "FAMILY_TEMPLATE": str((MODELFILES / f"{cfg.ollama.family}.Modelfile").resolve()),
-        "OLLAMA_STAMP": str(cfg.ollama_stamp.resolve()),
+        "IMATRIX": make_path(cfg.imatrix_path) if cfg.imatrix_path else "",
+        "CALIBRATION": make_path(cfg.imatrix_calibration) if cfg.imatrix_calibration else "",
+        "SERVED_GGUF": make_path(cfg.gguf_path(primary_quantization(cfg))),
+        "MODELFILE": make_path(cfg.modelfile_path),
+        "FAMILY_TEMPLATE": make_path(MODELFILES / f"{cfg.ollama.family}.Modelfile"),
+        "OLLAMA_STAMP": make_path(cfg.ollama_stamp),
         "OLLAMA_MODEL": cfg.ollama.model,
-        "METRICS": str(cfg.metrics_path.resolve()),
-        "PLOTS": " ".join(str(p.resolve()) for p in cfg.plot_paths.values()),
-        "HELDOUT": str(cfg.heldout_path.resolve()),
-        "EVAL_PASSED": str(cfg.eval_passed.resolve()),
+        "METRICS": make_path(cfg.metrics_path),
+        "PLOTS": " ".join(make_path(p) for p in cfg.plot_paths.values()),
+        "HELDOUT": make_path(cfg.heldout_path),
+        "EVAL_PASSED": make_path(cfg.eval_passed),
     }
 
 

@@ -113,7 +113,7 @@ def test_every_pipeline_target_of_the_makefile_takes_the_lock(config):
     for target in ("train", "fuse", "gguf", "modelfile", "ollama", "eval"):
         proc = subprocess.run(["make", "-n", "--no-print-directory", target, f"CONFIG={config}"], cwd=REPO, capture_output=True, text=True, env=env)
         line = next((l for l in proc.stdout.splitlines() if "pipeline.mk" in l), proc.stdout + proc.stderr)
-        assert f"-m pipeline locked --config {config} --" in line, (target, line)
+        assert f'-m pipeline locked --config "{config}" --' in line, (target, line)
 
 
 @pytest.mark.slow
