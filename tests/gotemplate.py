@@ -1,149 +1,104 @@
-"""A test oracle: the subset of Go's text/template that Ollama chat templates use.
+"""The test oracle for Ollama TEMPLATEs: Go's own text/template, run as Ollama runs it.
 
-Enough to render modelfiles/*.Modelfile TEMPLATEs the way Ollama would
-(text, {{- -}} trimming, range with $i/$_ , if/else, variable assignment,
-fields such as .Role and $.Messages, and the functions eq, ne, and, or,
-not, len, slice), so tests can compare them with the tokenizer's own chat
-template. Not used by the pipeline.
+tests/gotmpl/main.go copies what Ollama v0.33.0-rc2 (fb30760) does to turn a chat into a
+prompt (template/template.go Parse, Vars, Execute with collate, and the values it passes), so
+a template renders here exactly as `ollama run` would render it (what it leaves out is listed
+at its top). It is built once per machine with Debian's Go (`make go`) into
+${AGIASI_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/agiasi-soul-fusion}/gotmpl-<sha256 of its
+sources>/gotmpl, then run once per render. Not used by the pipeline.
 """
 from __future__ import annotations
 
-import re
-import shlex
+import functools
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
-_ACTION = re.compile(r"{{(-\s)?(.*?)(\s-)?}}", re.S)
-
-
-def _tokens(template: str) -> list[tuple[str, str]]:
-    out, pos = [], 0
-    for m in _ACTION.finditer(template):
-        text = template[pos:m.start()]
-        if m.group(1):
-            text = text.rstrip()
-        out.append(("text", text))
-        out.append(("action", m.group(2).strip()))
-        pos = m.end()
-        if m.group(3):
-            rest = template[pos:]
-            pos += len(rest) - len(rest.lstrip())
-    out.append(("text", template[pos:]))
-    return out
+SOURCE = Path(__file__).resolve().parent / "gotmpl"
+SOURCE_FILES = ("main.go", "go.mod")
 
 
-def _parse(tokens, i=0, stop=("end",)):
-    nodes = []
-    while i < len(tokens):
-        kind, value = tokens[i]
-        if kind == "text":
-            nodes.append(("text", value))
-            i += 1
-            continue
-        head = value.split(None, 1)[0] if value else ""
-        if head in stop:
-            return nodes, i
-        if head in ("range", "if"):
-            body, i = _parse(tokens, i + 1, stop=("end", "else"))
-            other = []
-            if tokens[i][1] == "else":
-                other, i = _parse(tokens, i + 1, stop=("end",))
-            nodes.append((head, value[len(head):].strip(), body, other))
-            i += 1
-            continue
-        nodes.append(("action", value))
-        i += 1
-    return nodes, i
+class TemplateError(Exception):
+    """Go's error for a template that does not parse or does not execute."""
 
 
-def _truthy(v) -> bool:
-    return bool(v) if not isinstance(v, (int, float)) or isinstance(v, bool) else v != 0
+def render(template: str, messages: list[dict], tools: list[dict] | None = None,
+           think: bool | str | None = None) -> str:
+    """The prompt Ollama's /api/chat renders from `template` for `messages`.
+
+    Inputs: the TEMPLATE text; messages as Ollama's API takes them ({"role", "content"},
+    optionally "thinking", "tool_calls", "tool_name", "tool_call_id"), the model's SYSTEM already
+    first if it has one (ChatHandler does that before rendering); tools as in the API;
+    think as the API's `think` (None: not set).
+    Outputs: the rendered prompt.
+    Errors: TemplateError with Go's message when the template does not parse or execute;
+    RuntimeError when Go is missing or the request is malformed.
+    """
+    request = {"template": template, "messages": messages}
+    if tools is not None:
+        request["tools"] = tools
+    if think is not None:
+        request["think"] = think
+    return _run(request)
 
 
-def _split_args(expr: str) -> list[str]:
-    parts, depth, cur = [], 0, ""
-    for ch in expr:
-        if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-        if ch == " " and depth == 0:
-            if cur:
-                parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    if cur:
-        parts.append(cur)
-    return parts
+def parse_error(template: str) -> str | None:
+    """Go's error from Ollama's template.Parse (what CreateHandler answers as
+    "template error: <err>"), or None when the template parses."""
+    try:
+        _run({"template": template, "messages": [], "parse_only": True})
+    except TemplateError as e:
+        return str(e)
+    return None
 
 
-def _value(term: str, dot, env: dict):
-    if term.startswith("("):
-        return _eval(term[1:-1], dot, env)
-    if term.startswith('"'):
-        return shlex.split(term)[0]
-    if term.lstrip("-").isdigit():
-        return int(term)
-    if term.startswith("$"):
-        name, _, path = term.partition(".")
-        base = env["$"] if name == "$" else env[name]
-        return _fields(base, path)
-    if term.startswith("."):
-        return _fields(dot, term[1:])
-    raise ValueError(f"unsupported term {term!r}")
+def _run(request: dict) -> str:
+    proc = subprocess.run([str(binary())], input=json.dumps(request), capture_output=True,
+                          text=True, encoding="utf-8", timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"tests/gotmpl failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    answer = json.loads(proc.stdout)
+    if "error" in answer:
+        raise TemplateError(answer["error"])
+    return answer["rendered"]
 
 
-def _fields(obj, path: str):
-    for name in filter(None, path.split(".")):
-        obj = obj[name] if isinstance(obj, dict) else getattr(obj, name)
-    return obj
+@functools.cache
+def binary(name: str = "gotmpl") -> Path:
+    """The built Go program tests/<name> (the oracle by default; tests/goproxy is the other),
+    building it first if this version of its sources has no build yet.
 
-
-_FUNCS = {
-    "eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "len": len, "not": lambda a: not _truthy(a),
-    "slice": lambda seq, i, j=None: seq[i:j], "and": None, "or": None,
-}
-
-
-def _eval(expr: str, dot, env: dict):
-    args = _split_args(expr.strip())
-    if args[0] in _FUNCS:
-        vals = [_value(a, dot, env) for a in args[1:]]
-        if args[0] == "and":
-            return next((v for v in vals if not _truthy(v)), vals[-1])
-        if args[0] == "or":
-            return next((v for v in vals if _truthy(v)), vals[-1])
-        return _FUNCS[args[0]](*vals)
-    return _value(args[0], dot, env)
-
-
-def _render(nodes, dot, env, out: list[str]) -> None:
-    for node in nodes:
-        if node[0] == "text":
-            out.append(node[1])
-        elif node[0] == "action":
-            m = re.match(r"(\$\w+)\s*:?=\s*(.*)", node[1], re.S)
-            if m:
-                env[m.group(1)] = _eval(m.group(2), dot, env)
-            else:
-                value = _eval(node[1], dot, env)
-                out.append("" if value is None else str(value))
-        elif node[0] == "if":
-            _render(node[2] if _truthy(_eval(node[1], dot, env)) else node[3], dot, env, out)
-        elif node[0] == "range":
-            m = re.match(r"(\$\w+)\s*,\s*(\$\w+)\s*:=\s*(.*)", node[1])
-            items = _eval(m.group(3) if m else node[1], dot, env)
-            if not items:
-                _render(node[3], dot, env, out)
-            for i, item in enumerate(items or []):
-                inner = dict(env)
-                if m:
-                    inner[m.group(1)], inner[m.group(2)] = i, item
-                _render(node[2], item, inner, out)
-
-
-def render(template: str, data: dict) -> str:
-    """Render `template` with `data` as the dot (e.g. {"Messages": [...]})."""
-    nodes, _ = _parse(_tokens(template))
-    out: list[str] = []
-    _render(nodes, data, {"$": data}, out)
-    return "".join(out)
+    Two processes may build at once: each builds in its own temporary folder and renames its
+    build into place, so either build wins whole.
+    Errors: RuntimeError when `go` is missing (run `make go`) or the build fails.
+    """
+    source = SOURCE.parent / name
+    digest = hashlib.sha256()
+    for file in SOURCE_FILES:
+        digest.update(file.encode() + b"\0" + (source / file).read_bytes() + b"\0")
+    cache = os.environ.get("AGIASI_CACHE_DIR") or str(  # the cache root of pipeline/llamacpp.py
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "agiasi-soul-fusion")
+    target = Path(cache).absolute() / f"{name}-{digest.hexdigest()[:16]}" / name
+    if target.exists():
+        return target
+    go = shutil.which("go")
+    if go is None:
+        raise RuntimeError(f"Go is missing: run `make go` (Debian's golang-go), which tests/{name} needs")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{name}.", dir=target.parent))
+    tmp = tmp_dir / name
+    try:
+        # Standard library only: no module download, no toolchain switch, go.mod left as it is.
+        env = {**os.environ, "GOPROXY": "off", "GOFLAGS": "-mod=readonly", "GOTOOLCHAIN": "local"}
+        proc = subprocess.run([go, "build", "-o", tmp, "."], cwd=source, env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building tests/{name} failed:\n{proc.stderr}")
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return target
