@@ -20,13 +20,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import urllib.error
-import urllib.request
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+
+import httpx2
 
 from .artifacts import atomic_write_text, sha256_file
 from .config import Config
 from .errors import OllamaError
+from .formats import validate_gguf
+from .goproxy import is_loopback, proxy_for
 from .ollama_rules import MIN_OLLAMA_VERSION, connect_url, display_shortest, parse_host, typed_option, version_tuple
 
 MODELFILES = Path(__file__).resolve().parent.parent / "modelfiles"
@@ -82,7 +86,6 @@ def check_served_gguf(cfg: Config) -> tuple[Path, str | None]:
     """The GGUF Ollama serves and its sha256 (None when it does not exist yet); when it exists it
     must be a complete GGUF (GGUFError, exit 2, names it) and what quantize wrote."""
     from .integrity import verify_file
-    from .llamacpp import validate_gguf
 
     gguf = cfg.gguf_path(primary_quantization(cfg))
     if not gguf.exists():
@@ -137,8 +140,7 @@ def write_modelfile(cfg: Config) -> Path:
     end-of-sequence token of its generation config must be a stop, or the
     model rambles on in Ollama. Raises OllamaError naming the missing ones.
     """
-    model_dir = next((d for d in (cfg.fused_dir, cfg.resolve(cfg.model.base))
-                      if (d / "tokenizer_config.json").is_file()), None)
+    model_dir = chat_source_dir(cfg)
     if model_dir is None:
         raise OllamaError(f"{cfg.fused_dir}: no fused model to read the chat format's tokens from; run `make fuse`")
     _, stops = chat_format(cfg)
@@ -159,102 +161,219 @@ def ollama_host() -> str:
 
 
 class NoServerError(OllamaError):
-    """Nothing answers at OLLAMA_HOST (connection refused, unknown host, no answer to /api/version)."""
+    """No Ollama answers at OLLAMA_HOST: refused, unknown host, an address no client can use, or
+    something that is not Ollama (a web page where /api/version should be)."""
 
 
 class OllamaTimeout(OllamaError):
-    """A server answered before but did not finish a request within the client's timeout."""
+    """A server answered before but then stayed silent longer than the client's timeout."""
 
 
 class ModelNotFound(OllamaError):
     """The server does not have the model (HTTP 404 from chat or show, server/routes.go)."""
 
 
+SILENCE_TIMEOUT = 600.0  # seconds a request may wait for the server's next bytes (not its total time)
+CONNECT_TIMEOUT = 10.0
+UPLOAD_CHUNK = 1 << 20
+
+
+def _snippet(raw: bytes) -> str:
+    text = raw.decode("utf-8", errors="replace").strip()
+    return repr(text[:120] + ("..." if len(text) > 120 else ""))
+
+
 class OllamaClient:
-    """The few endpoints of Ollama's REST API this pipeline uses.
+    """The few endpoints of Ollama's REST API this pipeline uses, reached as Ollama's own client
+    reaches them.
 
     host: a URL as ollama_host gives it (default: OLLAMA_HOST); requests go to its connectable
     form (envconfig.ConnectableHost) with the host's path kept as a prefix, as api/client.go's
-    JoinPath does. timeout: seconds a request may wait for the server's next bytes.
+    JoinPath does, through the proxy Go would use (pipeline.goproxy: never for loopback).
+    timeout: seconds of silence a request may wait for the server's next bytes. Long work
+    (create, a first chat) streams NDJSON, as Ollama's CLI asks for it, so a slow server that
+    reports progress never times out, and neither does a reverse proxy in front of it.
+    Every failure is an OllamaError naming the host and what came back.
     """
 
-    def __init__(self, host: str | None = None, timeout: float = 600):
+    def __init__(self, host: str | None = None, timeout: float = SILENCE_TIMEOUT, say=print):
         self.host = host or ollama_host()
-        self.base = connect_url(self.host)
-        self.timeout = timeout
-
-    def _call(self, method: str, path: str, body: dict | None = None, data=None, headers=None,
-              timeout: float | None = None, doing: str = "") -> tuple[int, dict]:
-        if body is not None:
-            data = json.dumps(body, ensure_ascii=False).encode()
-            headers = {"Content-Type": "application/json", **(headers or {})}
-        req = urllib.request.Request(f"{self.base}{path}", data=data, method=method, headers=headers or {})
-        timeout = timeout or self.timeout
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                raw = r.read()
-                return r.status, (json.loads(raw) if raw.strip() else {})
-        except urllib.error.HTTPError as e:
-            raw = e.read()
-            try:
-                detail = json.loads(raw).get("error", raw.decode(errors="replace"))
-            except ValueError:
-                detail = raw.decode(errors="replace")
-            return e.code, {"error": detail}
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            if isinstance(reason, TimeoutError) and doing:
+            self.base = connect_url(self.host)
+        except ValueError as e:
+            raise NoServerError(f"OLLAMA_HOST={os.environ.get('OLLAMA_HOST', '')!r} names no server: {e}. "
+                                "Give host:port, e.g. 127.0.0.1:11434 or http://gpu-box:11434") from None
+        self.timeout = timeout
+        self.say = say
+
+    @contextmanager
+    def _exchange(self, method: str, path: str, *, body: dict | None = None, content=None,
+                  headers: dict | None = None, timeout: float | None = None, doing: str = ""):
+        """The response to one request, read inside the block; transport failures become
+        NoServerError, or OllamaTimeout once the server has been silent for `timeout` seconds
+        during `doing`."""
+        url = f"{self.base}{path}"
+        timeout = timeout or self.timeout
+        headers = dict(headers or {})
+        if body is not None:
+            content = json.dumps(body, ensure_ascii=False).encode()
+            headers["Content-Type"] = "application/json"
+        limits = httpx2.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT))
+        try:
+            with httpx2.Client(trust_env=False, proxy=proxy_for(url), timeout=limits) as client:
+                with client.stream(method, url, content=content, headers=headers) as response:
+                    yield response
+        except httpx2.TimeoutException as e:
+            if doing and not isinstance(e, (httpx2.ConnectTimeout, httpx2.PoolTimeout)):
                 raise OllamaTimeout(
-                    f"Ollama at {self.host} did not finish {doing} within {timeout:.0f} s. It may still be "
+                    f"Ollama at {self.host} sent nothing for {timeout:g} s while {doing}. It may still be "
                     "working (since v0.30 every create rewrites the GGUF with llama-quantize, "
                     "server/create.go; a first chat loads the model): watch the server's log or "
                     "`ollama ps`, then run `make ollama` again") from None
-            raise NoServerError(f"no Ollama server answers at {self.host} ({reason})") from None
+            raise NoServerError(f"no Ollama server answers at {self.host} ({type(e).__name__})") from None
+        except (httpx2.HTTPError, httpx2.InvalidURL, OSError, ImportError) as e:  # ImportError: socks5 without socksio
+            raise NoServerError(f"no Ollama server answers at {self.host} ({type(e).__name__}: {e})") from None
+
+    def _json(self, response, path: str) -> dict:
+        """A whole reply as a JSON object; an error status gives {"error": its message}. A 2xx
+        reply that is no JSON object is an OllamaError: something else answers at OLLAMA_HOST."""
+        raw = response.read()
+        try:
+            obj = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            obj = None
+        if response.status_code >= 400:
+            detail = obj.get("error") if isinstance(obj, dict) else None
+            return {"error": detail or f"{response.reason_phrase} {_snippet(raw)}"}
+        if not isinstance(obj, dict):
+            kind = response.headers.get("content-type", "no content type")
+            raise NoServerError(
+                f"{self.host}{path} answered HTTP {response.status_code} with {kind} {_snippet(raw)}, not "
+                f"Ollama's JSON: is OLLAMA_HOST an Ollama server? (an explicit http:// without a port "
+                f"means port 80; Ollama listens on 11434)")
+        return obj
+
+    def _call(self, method: str, path: str, body: dict | None = None, timeout: float | None = None,
+              doing: str = "") -> tuple[int, dict]:
+        with self._exchange(method, path, body=body, timeout=timeout, doing=doing) as response:
+            return response.status_code, self._json(response, path)
+
+    def _stream(self, path: str, body: dict, doing: str):
+        """The NDJSON objects of a streamed reply (`stream: true`, Ollama's default). An error
+        status, a line that is no JSON object, or an {"error"} line (how Ollama reports a failure
+        after it has begun a 200 stream, server/routes.go streamResponse) is an OllamaError."""
+        with self._exchange("POST", path, body={**body, "stream": True}, doing=doing) as response:
+            if response.status_code != 200:
+                yield {"status_code": response.status_code, **self._json(response, path)}
+                return
+            for line in response.iter_lines():
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    obj = None
+                if not isinstance(obj, dict):
+                    raise OllamaError(f"{self.host}{path} sent a line that is not Ollama's JSON while {doing}: "
+                                      f"{_snippet(line.encode())}")
+                if obj.get("error"):
+                    raise OllamaError(f"Ollama at {self.host} failed while {doing}: {obj['error']}")
+                yield obj
 
     def version(self) -> str:
         """The server's version (GET /api/version); OllamaError when it is older than the API used."""
-        status, body = self._call("GET", "/api/version", timeout=3)
-        if status != 200:
-            raise NoServerError(f"{self.host}/api/version answered {status}: {body.get('error')} "
+        status, body = self._call("GET", "/api/version", timeout=5)
+        if status != 200 or "version" not in body:
+            raise NoServerError(f"{self.host}/api/version answered {status}: {body.get('error', body)} "
                                 "(is OLLAMA_HOST an Ollama server?)")
         version = str(body.get("version", "?"))
         found = version_tuple(version)
         if found is not None and found < MIN_OLLAMA_VERSION:
             need = ".".join(map(str, MIN_OLLAMA_VERSION))
-            raise OllamaError(f"Ollama {version} at {self.host} is too old: registration uses /api/create "
-                              f"with blob files, which Ollama {need} introduced. Upgrade it "
-                              "(https://ollama.com/download)")
+            raise OllamaError(f"Ollama {version} at {self.host} is too old: registration creates with blob "
+                              f"files and checks the prompt Ollama renders (_debug_render_only), which need "
+                              f"Ollama {need} or later. Upgrade it (https://ollama.com/download)")
         return version
 
     def has_blob(self, digest: str) -> bool:
-        status, _ = self._call("HEAD", f"/api/blobs/{digest}")
+        status, body = self._call("HEAD", f"/api/blobs/{digest}", timeout=30)
+        if status not in (200, 404):
+            raise OllamaError(f"{self.host} answered {status} when asked for blob {digest[:19]}...: "
+                              f"{body.get('error')}")
         return status == 200
 
     def push_blob(self, path: Path, digest: str) -> None:
-        with open(path, "rb") as f:
-            status, body = self._call("POST", f"/api/blobs/{digest}", data=f, doing=f"receiving {path.name}",
-                                      headers={"Content-Length": str(path.stat().st_size),
-                                               "Content-Type": "application/octet-stream"})
+        def chunks():
+            with open(path, "rb") as f:
+                while chunk := f.read(UPLOAD_CHUNK):
+                    yield chunk
+
+        headers = {"Content-Length": str(path.stat().st_size), "Content-Type": "application/octet-stream"}
+        with self._exchange("POST", f"/api/blobs/{digest}", content=chunks(), headers=headers,
+                            doing=f"receiving {path.name}") as response:
+            status, body = response.status_code, self._json(response, f"/api/blobs/{digest}")
         if status not in (200, 201):
             raise OllamaError(f"uploading {path.name} to {self.host} failed ({status}): {body.get('error')}")
 
     def create(self, model: str, files: dict[str, str], template: str, system: str, parameters: dict) -> None:
-        status, body = self._call("POST", "/api/create", {
-            "model": model, "files": files, "template": template, "system": system or None,
-            "parameters": parameters, "stream": False}, doing=f"creating {model}")
-        if status != 200 or body.get("status") != "success":
-            raise OllamaError(f"creating {model} on {self.host} failed ({status}): {body.get('error', body)}")
+        """POST /api/create, streamed: each new status line is said as it comes (the GGUF rewrite
+        with its percentage), and only a final "success" is success."""
+        doing = f"creating {model}"
+        last, shown, final = None, -1, {}
+        for line in self._stream("/api/create", {"model": model, "files": files, "template": template,
+                                                 "system": system or None, "parameters": parameters}, doing):
+            if "status_code" in line:
+                raise OllamaError(f"creating {model} on {self.host} failed ({line['status_code']}): "
+                                  f"{line.get('error')}")
+            final = line
+            status, total, done = line.get("status"), line.get("total"), line.get("completed")
+            if status != last:
+                last, shown = status, -1
+                self.say(f"[ollama] {status}")
+            elif isinstance(total, int) and isinstance(done, int) and total > 0 and done * 10 // total > shown:
+                shown = done * 10 // total
+                self.say(f"[ollama] {status}: {10 * shown}%")
+        if final.get("status") != "success":
+            raise OllamaError(f"creating {model} on {self.host} ended without success (last: {final or 'nothing'})")
 
     def chat(self, model: str, messages: list[dict], options: dict) -> dict:
-        status, body = self._call("POST", "/api/chat", {
-            "model": model, "messages": messages, "stream": False, "options": options},
-            doing=f"loading {model} and answering")
+        """One answer, streamed and joined: {"message": {"content"}, "done", "done_reason"}. A
+        stream that ends without a done line is returned with done False (Ollama's repeat abort)."""
+        content, reply = [], {"done": False}
+        for line in self._stream("/api/chat", {"model": model, "messages": messages, "options": options},
+                                 f"loading {model} and answering"):
+            if "status_code" in line:
+                self._chat_failed(model, line["status_code"], line)
+            content.append((line.get("message") or {}).get("content") or "")
+            reply = line
+        return {**reply, "message": {"role": "assistant", "content": "".join(content)}}
+
+    def _chat_failed(self, model: str, status: int, body: dict):
         if status == 404:
             raise ModelNotFound(f"{self.host} has no model {model} ({body.get('error')}): it was removed "
                                 "(`ollama rm`) or OLLAMA_HOST points at another server; `make ollama` "
                                 "registers it again")
+        raise OllamaError(f"chat with {model} on {self.host} failed ({status}): {body.get('error')}")
+
+    def rendered_prompt(self, model: str, messages: list[dict]) -> str:
+        """The prompt Ollama renders for `messages` (/api/chat with `_debug_render_only`,
+        server/routes.go ChatHandler): whichever template it really uses, without running the model."""
+        status, body = self._call("POST", "/api/chat", {"model": model, "messages": messages, "stream": False,
+                                                        "_debug_render_only": True},
+                                  doing=f"rendering a prompt for {model}")
         if status != 200:
-            raise OllamaError(f"chat with {model} on {self.host} failed ({status}): {body.get('error')}")
+            self._chat_failed(model, status, body)
+        rendered = (body.get("debug_info") or {}).get("rendered_template")
+        if not isinstance(rendered, str):
+            raise OllamaError(f"{self.host} answered a _debug_render_only chat without debug_info.rendered_template "
+                              f"(Ollama {'.'.join(map(str, MIN_OLLAMA_VERSION))} or later returns it)")
+        return rendered
+
+    def show(self, model: str) -> dict:
+        """POST /api/show: the stored template and the parameters text (server/routes.go GetModelInfo)."""
+        status, body = self._call("POST", "/api/show", {"model": model}, timeout=30)
+        if status != 200:
+            self._chat_failed(model, status, body)
         return body
 
     def digest(self, model: str) -> str | None:
@@ -263,9 +382,12 @@ class OllamaClient:
         status, body = self._call("GET", "/api/tags", timeout=5)
         if status != 200:
             raise OllamaError(f"{self.host}/api/tags answered {status}: {body.get('error')}")
+        models = body.get("models")
+        if not isinstance(models, list):
+            raise OllamaError(f"{self.host}/api/tags answered a 'models' that is no list: is it an Ollama server?")
         want = display_shortest(model).lower()
-        return next((m.get("digest") for m in body.get("models") or []
-                     if str(m.get("name", "")).lower() == want), None)
+        return next((m.get("digest") for m in models if isinstance(m, dict)
+                     and str(m.get("name", "")).lower() == want), None)
 
 
 def unavailable_reason() -> str | None:
@@ -292,68 +414,227 @@ def sha256_digest(path: Path) -> str:
     return "sha256:" + sha256_file(path)
 
 
+# Where a local Ollama keeps blobs (envconfig.Models: OLLAMA_MODELS, else ~/.ollama/models; the
+# Linux install script runs it as user ollama with /usr/share/ollama/.ollama/models).
+MODELS_FOLDERS = ("~/.ollama/models", "/usr/share/ollama/.ollama/models")
+
+
+def local_models_folder(client: OllamaClient) -> Path | None:
+    """The folder a server on this machine most likely stores blobs in, or None (a remote server,
+    or none found): only used to warn about disk space, never to refuse."""
+    if not is_loopback(httpx2.URL(client.base).host):
+        return None
+    candidates = [os.environ["OLLAMA_MODELS"]] if os.environ.get("OLLAMA_MODELS") else list(MODELS_FOLDERS)
+    return next((Path(c).expanduser() for c in candidates if Path(c).expanduser().is_dir()), None)
+
+
+def gigabytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def say_disk_need(client: OllamaClient, gguf: Path, uploading: bool) -> None:
+    """Say what create costs on the server's disk: the uploaded blob, and the rewrite.
+
+    Since v0.30 Ollama rewrites every GGUF it creates from with `llama-quantize ... COPY`
+    (server/create.go copyLayerWithLlamaQuantize), so the manifest references the rewrite, not
+    the upload; the upload is then unreferenced and pruned at the server's next start
+    (server/images.go PruneLayers, unless OLLAMA_NOPRUNE), and a later registration uploads it
+    again. Create needs about twice the GGUF's size free (one if the blob is already there).
+    """
+    size = gguf.stat().st_size
+    need = size * (2 if uploading else 1)
+    line = (f"[ollama] create needs about {gigabytes(need)} free on the server: Ollama rewrites the "
+            f"{gigabytes(size)} GGUF (llama-quantize COPY) and keeps the rewrite; the uploaded blob is "
+            "pruned at its next start, so a later registration uploads it again")
+    folder = local_models_folder(client)
+    if folder is not None:
+        free = shutil.disk_usage(folder).free
+        line += f"; {folder} has {gigabytes(free)} free"
+        if free < need:
+            line += " -- NOT ENOUGH, create will likely fail: free some space there"
+    client.say(line)
+
+
 def create_with_api(cfg: Config, client: OllamaClient, gguf: Path, sha256: str | None = None) -> None:
-    """Upload the GGUF as a blob (unless the server has it) and create the model with the
+    """Upload the GGUF as a blob (unless the server still has it) and create the model with the
     config's chat format (custom or family), system prompt and parameters; sha256: the GGUF's,
     when the caller has already computed it."""
     digest = "sha256:" + sha256 if sha256 else sha256_digest(gguf)
-    if client.has_blob(digest):
-        print(f"[ollama] {client.host} already has {gguf.name} ({digest[:19]}...)")
-    else:
-        print(f"[ollama] uploading {gguf.name} to {client.host}")
+    uploading = not client.has_blob(digest)
+    say_disk_need(client, gguf, uploading)
+    if uploading:
+        client.say(f"[ollama] uploading {gguf.name} to {client.host}")
         client.push_blob(gguf, digest)
+    else:
+        client.say(f"[ollama] {client.host} still has {gguf.name} ({digest[:19]}...): not uploaded again")
     template, _ = chat_format(cfg)
     client.create(cfg.ollama.model, {gguf.name: digest}, template, cfg.ollama.system, create_parameters(cfg))
 
 
 PROOF_PROMPT = "こんにちは。自己紹介を一文でしてください。"
+SMOKE_TOKENS = 16  # below Ollama's repeat abort (more than 30 repeats of one token)
 
 
-def prove_it_answers(cfg: Config, client: OllamaClient) -> str:
-    """One greedy Japanese chat turn: non-empty, ended by a stop token, no "<|"."""
+def chat_source_dir(cfg: Config) -> Path | None:
+    """The folder whose tokenizer and chat template training used: the fused model, or a local base."""
+    return next((d for d in (cfg.fused_dir, cfg.resolve(cfg.model.base))
+                 if (d / "tokenizer_config.json").is_file()), None)
+
+
+def training_prompt(model_dir: Path, messages: list[dict]) -> str:
+    """The prompt text the model's own chat template renders for `messages`, as training and the
+    fidelity gate render it (apply_chat_template with the generation prompt)."""
+    from transformers import AutoTokenizer  # heavy: only when a registration is proven
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def template_in_use(cfg: Config, gguf: Path) -> tuple[str, bool]:
+    """Which template Ollama renders chats with for this model, by its own rules, and whether
+    that is our TEMPLATE (Go mode) rather than the GGUF's Jinja chat template (native mode).
+
+    server/routes.go chatModeForModel / shouldUseGoTemplate: OLLAMA_GO_TEMPLATE on the server
+    decides when set; otherwise TEMPLATE loses to a GGUF chat template that offers capabilities it
+    lacks (server/images.go shouldPreferChatTemplate: "tools" or "tool_call" give tools, "<think>"
+    with "</think>" gives thinking), and llama-server then renders that template natively.
+    """
+    chat_template = str(validate_gguf(gguf).metadata.get("tokenizer.chat_template") or "")
+    template, _ = chat_format(cfg)
+    source = "ollama.template" if cfg.ollama.template is not None else f"modelfiles/{cfg.ollama.family}.Modelfile"
+    markers = [m for m in ("tools", "tool_call", "<think>", "</think>") if m in chat_template and m not in template]
+    if markers:
+        return (f"{gguf.name}'s own chat template, natively: it mentions {', '.join(map(repr, markers))} and "
+                f"TEMPLATE ({source}) does not, so Ollama prefers it (server/images.go shouldPreferChatTemplate) "
+                "unless the server sets OLLAMA_GO_TEMPLATE=true"), False
+    other = f", or {gguf.name}'s own chat template if the server sets OLLAMA_GO_TEMPLATE=false" if chat_template else ""
+    return f"TEMPLATE from {source} (Go template mode{other}; server/routes.go shouldUseGoTemplate)", True
+
+
+def first_difference(got: str, want: str) -> str:
+    i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    return f"at character {i}: Ollama {got[max(0, i - 30):i + 40]!r}, training {want[max(0, i - 30):i + 40]!r}"
+
+
+def prove_prompt(cfg: Config, client: OllamaClient, gguf: Path) -> None:
+    """Ollama renders for a fixed conversation exactly the prompt training's chat template renders
+    (Ollama adds the model's SYSTEM as the first message when a chat has none)."""
+    model_dir = chat_source_dir(cfg)
+    if model_dir is None:
+        raise OllamaError(f"{cfg.fused_dir}: no fused model to render training's prompt with; run `make fuse`")
+    asked = [{"role": "user", "content": PROOF_PROMPT}]
+    system = [{"role": "system", "content": cfg.ollama.system}] if cfg.ollama.system else []
+    got = client.rendered_prompt(cfg.ollama.model, asked)
+    want = training_prompt(model_dir, system + asked)
+    used, ours = template_in_use(cfg, gguf)
+    if got != want:
+        fix = ("make the chat format render what the model's chat template renders (ollama.family, or "
+               "ollama.template with ollama.stop)") if ours else \
+            "set OLLAMA_GO_TEMPLATE=true on the server, or train with the template that the GGUF carries"
+        raise OllamaError(f"{cfg.ollama.model} was created, but Ollama renders another prompt than training saw, "
+                          f"{first_difference(got, want)}. Ollama most likely uses {used}: {fix}")
+    client.say(f"[ollama] Ollama renders the prompt training saw; it uses {used}")
+
+
+def registered_stops(parameters: str) -> list[str]:
+    """The stops in /api/show's `parameters` text: one `stop <Go %#v of the string>` line each
+    (server/routes.go GetModelInfo)."""
+    stops = []
+    for line in parameters.splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key == "stop":
+            try:
+                stops.append(json.loads(value.strip()))
+            except ValueError:
+                stops.append(value.strip().strip('"'))
+    return stops
+
+
+def prove_stops(cfg: Config, client: OllamaClient) -> None:
+    """The server stored our TEMPLATE and every stop of the chat format."""
+    template, stops = chat_format(cfg)
+    shown = client.show(cfg.ollama.model)
+    missing = [s for s in stops if s not in registered_stops(str(shown.get("parameters") or ""))]
+    if missing:
+        raise OllamaError(f"{cfg.ollama.model} was created, but {client.host} stored no stop {missing} "
+                          f"(/api/show parameters: {str(shown.get('parameters'))[:200]!r})")
+    if shown.get("template") != template:
+        raise OllamaError(f"{cfg.ollama.model} was created, but {client.host} stored another TEMPLATE than sent "
+                          f"({first_difference(str(shown.get('template')), template)})")
+
+
+def prove_it_answers(cfg: Config, client: OllamaClient) -> dict:
+    """One greedy Japanese chat turn, held to what ollama.proof promises.
+
+    strict: non-empty, ended by a stop token within 512 tokens, no "<|". smoke: a SMOKE_TOKENS
+    answer that Ollama finishes (a stop token or the length limit). Both: not aborted.
+    """
+    smoke = cfg.ollama.proof == "smoke"
     reply = client.chat(cfg.ollama.model, [{"role": "user", "content": PROOF_PROMPT}],
-                        {"temperature": 0, "num_predict": 512})
+                        {"temperature": 0, "num_predict": SMOKE_TOKENS if smoke else 512})
     text = (reply.get("message") or {}).get("content", "")
     reason = reply.get("done_reason")
     problems = []
-    if not text.strip():
-        problems.append("the answer is empty")
-    if not reply.get("done") and not reason:
-        problems.append("Ollama cut the answer off without a done_reason: it aborts a generation that repeats "
+    if not reply.get("done"):
+        problems.append("Ollama cut the answer off without a done line: it aborts a generation that repeats "
                         "one token more than 30 times (llm/llama_server.go), so the model is stuck in a loop "
                         "(check the training, the chat template and the stops)")
-    elif reason != "stop":
-        problems.append(f"it ended by {reason!r}, not by a stop token (check the template and stops)")
-    if "<|" in text:
-        problems.append("the answer contains a raw special token '<|' (the stop tokens are not set right)")
+    elif smoke:
+        if reason not in ("stop", "length"):
+            problems.append(f"it ended by {reason!r}, neither a stop token nor the length limit")
+    else:
+        if not text.strip():
+            problems.append("the answer is empty")
+        if reason != "stop":
+            problems.append(f"it ended by {reason!r}, not by a stop token (check the template and stops)")
+        if "<|" in text:
+            problems.append("the answer contains a raw special token '<|' (the stop tokens are not set right)")
     if problems:
-        raise OllamaError(f"{cfg.ollama.model} was created but does not answer properly: {'; '.join(problems)}. "
-                          f"Answer: {text[:200]!r}")
-    return text
+        raise OllamaError(f"{cfg.ollama.model} was created but does not answer properly ({cfg.ollama.proof} proof, "
+                          f"ollama.proof): {'; '.join(problems)}. Answer: {text[:200]!r}")
+    return {"mode": cfg.ollama.proof, "prompt": PROOF_PROMPT, "answer": text, "done_reason": reason}
+
+
+PROOF_SAYS = {
+    "strict": "a greedy answer ended by a stop token",
+    "smoke": f"a {SMOKE_TOKENS}-token greedy answer arrived (a smoke proof: the model is not held to stop)",
+}
+
+
+def connect(cfg: Config) -> OllamaClient:
+    """A client for OLLAMA_HOST whose server answers and is recent enough; OllamaError with how
+    to get Ollama when none answers."""
+    try:
+        client = OllamaClient()
+        client.version()
+    except NoServerError as e:
+        raise OllamaError(how_to_get_ollama(str(e), cfg)) from None
+    return client
 
 
 def register(cfg: Config) -> Path:
-    """Create the Ollama model through the REST API, prove it answers and stops, write the stamp.
+    """Create the Ollama model through the REST API, prove it, write the stamp.
 
-    Output: `<run>/ollama.json`: model, host, GGUF and Modelfile sha256, the server's manifest
-    digest of the model (what `plan` compares with /api/tags later) and the proof. Raises
-    OllamaError (with how to install or point at an Ollama) when none is reachable, when the
-    server is too old, when creation fails or times out, or when the model does not answer
-    properly; no stamp is written then. A GGUF that fails validation is never uploaded.
+    The proof: Ollama renders training's prompt (prove_prompt), stored every stop (prove_stops),
+    and answers as ollama.proof asks (prove_it_answers). Output: `<run>/ollama.json`: model,
+    host, GGUF and Modelfile sha256, the server's manifest digest of the model (what `plan`
+    compares with /api/tags later) and the proof. Raises OllamaError (with how to install or
+    point at an Ollama) when none is reachable, when the server is too old, when creation fails
+    or stays silent, or when a proof fails; no stamp is written then. A GGUF that fails
+    validation is never uploaded.
     """
     gguf, digest = check_served_gguf(cfg)  # a broken file is named whether or not a server runs
-    client = OllamaClient()
-    try:
-        version = client.version()  # too old: OllamaError saying so
-    except NoServerError as e:
-        raise OllamaError(how_to_get_ollama(str(e), cfg)) from None
+    client = connect(cfg)
     modelfile = cfg.modelfile_path
     for p in (modelfile, gguf):
         if not p.is_file():
             raise OllamaError(f"{p}: missing; run `make gguf` and `make modelfile` first")
-    print(f"[ollama] Ollama {version} at {client.host}")
+    client.say(f"[ollama] Ollama {client.version()} at {client.host}")
+    cfg.ollama_stamp.unlink(missing_ok=True)  # the model is about to change: no stamp until it is proven again
     create_with_api(cfg, client, gguf, digest)
-    answer = prove_it_answers(cfg, client)
+    prove_prompt(cfg, client, gguf)
+    prove_stops(cfg, client)
+    proof = prove_it_answers(cfg, client)
     stamp = {
         "model": cfg.ollama.model,
         "host": client.host,
@@ -361,11 +642,12 @@ def register(cfg: Config) -> Path:
         "gguf_sha256": digest,
         "modelfile_sha256": sha256_file(modelfile),
         "server_digest": client.digest(cfg.ollama.model),
-        "proof": {"prompt": PROOF_PROMPT, "answer": answer},
+        "proof": proof,
     }
     atomic_write_text(cfg.ollama_stamp, json.dumps(stamp, indent=1, ensure_ascii=False) + "\n")
-    print(f"[ollama] registered {cfg.ollama.model}; it answered: {answer[:80]!r}")
-    print(f"[ollama] try: make ollama-run PROMPT=\"...\" (or ollama run {cfg.ollama.model})")
+    client.say(f"[ollama] registered {cfg.ollama.model}. Proof (ollama.proof: {proof['mode']}): Ollama renders "
+               f"training's prompt, stores every stop, and {PROOF_SAYS[proof['mode']]}: {proof['answer'][:80]!r}")
+    client.say(f"[ollama] try: make ollama-run PROMPT=\"...\" (or ollama run {cfg.ollama.model})")
     return cfg.ollama_stamp
 
 
@@ -375,23 +657,25 @@ def stamp_follows_server(cfg: Config) -> str:
     Asks the server at OLLAMA_HOST (/api/tags, a short timeout) for the model's manifest digest.
     When it lacks the model (`ollama rm`, another OLLAMA_HOST) or lists another digest (the model
     was created again elsewhere), the stamp is removed so that Make registers again. When no
-    server answers, the stamp is kept. Returns the line saying what happened ("" with no stamp).
-    Never raises for the server's sake.
+    server answers, or OLLAMA_HOST names none, or something else answers, the stamp is kept.
+    Returns the line saying what happened ("" with no stamp). Never raises for the server's sake.
     """
     try:
         stamp = json.loads(cfg.ollama_stamp.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return ""
+    if not isinstance(stamp, dict):
+        return ""
     model, recorded = stamp.get("model", cfg.ollama.model), stamp.get("server_digest")
-    client = OllamaClient(timeout=3)
     try:
+        client = OllamaClient(timeout=3)
         found = client.digest(model)
     except OllamaError as e:
         return f"==> [ollama] cannot ask whether {model} is still registered ({e}); keeping {cfg.ollama_stamp.name}"
     if found is not None and found == recorded:
         return ""
     why = f"{client.host} has no model {model}" if found is None else \
-        f"{client.host} lists {model} with digest {found[:12]}, not the registered {str(recorded)[:12]}"
+        f"{client.host} lists {model} with digest {str(found)[:12]}, not the registered {str(recorded)[:12]}"
     cfg.ollama_stamp.unlink(missing_ok=True)
     return f"==> [ollama] {why}; removed {cfg.ollama_stamp.name}, it will be registered again"
 

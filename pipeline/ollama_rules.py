@@ -17,9 +17,10 @@ import math
 from urllib.parse import urlsplit
 
 OLLAMA_DEFAULT_PORT = "11434"
-# /api/create with `files` (blob digests) replaced the `modelfile` body in v0.5.5
-# (ollama commit 86a622c "Update the /api/create endpoint to use JSON").
-MIN_OLLAMA_VERSION = (0, 5, 5)
+# Registration creates with `files` (blob digests), which replaced the `modelfile` body in
+# v0.5.5 (ollama commit 86a622c), and proves the prompt with /api/chat's `_debug_render_only`,
+# which v0.11.5 introduced (ollama commit 8de1da4, api/types.go ChatRequest.DebugRenderOnly).
+MIN_OLLAMA_VERSION = (0, 11, 5)
 
 
 def _split_host_port(hostport: str) -> tuple[str, str] | None:
@@ -86,9 +87,18 @@ def parse_host(value: str) -> str:
 def connect_url(url: str) -> str:
     """Where a client connects for a parse_host URL: envconfig.ConnectableHost replaces the
     unspecified addresses 0.0.0.0 and :: by the loopback address, and an empty host (":1234")
-    is the local system, as Go's net.Dial takes it. No trailing slash."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
+    is the local system, as Go's net.Dial takes it. No trailing slash.
+
+    Raises ValueError saying why for a URL no client can connect to: parse_host keeps what
+    OLLAMA_HOST says, and Go's own client then fails the same way (url.Parse in
+    http.NewRequest: "invalid port", a bracketed host that is no IPv6 address).
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        host = parts.hostname or ""
+    except ValueError as e:
+        raise ValueError(f"{url} is no address a client can connect to ({e})") from None
     try:
         ip = ipaddress.ip_address(host)
         if ip.is_unspecified:
@@ -96,7 +106,9 @@ def connect_url(url: str) -> str:
     except ValueError:
         if not host:
             host = "127.0.0.1"
-    netloc = _join_host_port(host, str(parts.port))
+    if any(c.isspace() for c in host):
+        raise ValueError(f"{url} is no address a client can connect to (a space in the host)")
+    netloc = _join_host_port(host, str(port))
     return f"{parts.scheme}://{netloc}{parts.path}".rstrip("/")
 
 

@@ -39,6 +39,7 @@ from .audit import AuditLog, entry, now
 from .config import Config, backend_url_problem
 from .dashboard import dashboard_router
 from .errors import BadInputError
+from .goproxy import proxy_for
 from .ollama import ollama_host
 from .ollama_rules import connect_url
 from .thinking import REASONING_FIELDS, PROBLEMS, ThinkingFilter, filter_reply
@@ -220,6 +221,9 @@ def create_app(settings: ServeSettings, cfg: Config | None = None) -> FastAPI:
     audit = AuditLog(settings.audit_path)
     timeout = httpx2.Timeout(settings.backend_timeout, connect=CONNECT_TIMEOUT)
     url = settings.backend_url.rstrip("/") + "/chat/completions"
+    # The proxy Go's clients would use (pipeline.goproxy): never for loopback, NO_PROXY honoured;
+    # httpx's own reading of the environment would send 127.0.0.1 through http_proxy.
+    client_options = {"timeout": timeout, "trust_env": False, "proxy": proxy_for(url)}
 
     def record(request_id, started, body, outcome, status, final, sections):
         audit.record(entry(time=started, request_id=request_id, backend_model=settings.backend_model,
@@ -250,7 +254,7 @@ def create_app(settings: ServeSettings, cfg: Config | None = None) -> FastAPI:
         if body.stream:
             return await _stream(body, request_id, started)
         try:
-            async with httpx2.AsyncClient(timeout=timeout) as client:
+            async with httpx2.AsyncClient(**client_options) as client:
                 reply = await client.post(url, json=_payload(settings, body))
             if reply.status_code != 200:
                 raise _status_failure(settings, reply.status_code)
@@ -271,7 +275,7 @@ def create_app(settings: ServeSettings, cfg: Config | None = None) -> FastAPI:
         return {"final": result.final, "request_id": request_id}
 
     async def _stream(body: ThinkRequest, request_id: str, started: str):
-        client = httpx2.AsyncClient(timeout=timeout)
+        client = httpx2.AsyncClient(**client_options)
         try:
             response = await client.send(client.build_request("POST", url, json=_payload(settings, body)),
                                          stream=True)
@@ -342,13 +346,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def ollama_backend() -> str:
+    """Ollama's OpenAI-compatible /v1 at OLLAMA_HOST; BadInputError for a value naming no server."""
+    try:
+        return connect_url(ollama_host()) + "/v1"
+    except ValueError as e:
+        raise BadInputError(f"OLLAMA_HOST={os.environ.get('OLLAMA_HOST', '')!r} names no server ({e}): give "
+                            "host:port, e.g. 127.0.0.1:11434, or --backend URL") from None
+
+
 def serve_settings(cfg: Config, host: str | None = None, backend: str | None = None,
                    backend_model: str | None = None, token: str | None = None) -> tuple[str, ServeSettings]:
     """The address to bind and the settings, from flags over cfg.serve over the defaults
     (Ollama's /v1 at OLLAMA_HOST, model ollama.model). Raises BadInputError for a backend URL
     that is none, a non-loopback address without a token, or a token that is too short."""
     host = host or cfg.serve.host
-    backend = backend or cfg.serve.backend or connect_url(ollama_host()) + "/v1"
+    backend = backend or cfg.serve.backend or ollama_backend()
     problem = backend_url_problem(backend)
     if problem:
         raise BadInputError(f"--backend: {backend!r} {problem}")

@@ -1,6 +1,9 @@
 """A contract server for our REST client: the endpoints it uses, behaving as Ollama's source
 (v0.33.0-rc2, fb30760) says, each behaviour citing the file it follows. It rejects what Ollama
-rejects; it does not run a model (the answer is set by the test).
+rejects, streams NDJSON unless asked not to, rewrites every GGUF it creates from (with the pinned
+llama-quantize COPY, as Ollama's create does), and answers a chat either from a script set by
+the test or, like Ollama since v0.30, from a real upstream llama-server on the model's GGUF; in
+both cases through Ollama's token-repeat abort.
 
 Its rules (names, options) are its own copies, taken from Ollama's Go source, not the
 project's pipeline/ollama_rules.py: a stand-in that shared the client's rules would only test
@@ -11,8 +14,19 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import re
+import socket
+import subprocess
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
 
-from gotemplate import render
+import httpx2
+from gguf import GGUFReader
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from gotemplate import TemplateError, parse_error, render
 
 # -- api/types.go: Options (with Runner embedded), each json key and its Go field's type ------------
 OPTION_TYPES = {
@@ -118,42 +132,201 @@ def valid_path(name: str) -> bool:
 
 
 def template_error(template: str) -> str | None:
-    """template/template.go Parse (text/template): unbalanced {{ }} or range/if without end fail."""
-    if template.count("{{") != template.count("}}"):
-        return "template: unclosed action"
-    try:
-        render(template, {"Messages": [], "System": "", "Prompt": "", "Response": ""})
-    except (IndexError, KeyError, ValueError, TypeError, AttributeError) as e:
-        return f"template: {e}"
-    return None
+    """server/create.go setTemplate: template/template.go Parse's error (Go's text/template, run
+    by tests/gotemplate.py), or None."""
+    return parse_error(template)
+
+
+# -- manifest/paths.go BlobsPath: only sha256 digests ------------------------------------------------
+DIGEST = re.compile(r"^sha256[:-][0-9a-fA-F]{64}$")
+
+# -- api/types.go DefaultOptions: what a chat runs with where neither the model nor the request sets it
+DEFAULT_OPTIONS = {"num_predict": -1, "num_keep": 4, "temperature": 0.8, "top_k": 40, "top_p": 0.9,
+                   "typical_p": 1.0, "repeat_last_n": 64, "repeat_penalty": 1.0, "presence_penalty": 0.0,
+                   "frequency_penalty": 0.0, "seed": -1, "min_p": 0.0, "stop": []}
+REPEAT_LIMIT = 30  # llm/llama_server.go Completion: abort once one trimmed token repeats more than 30 times
+
+
+def chat_template_capabilities(chat_template: str) -> set[str]:
+    """server/images.go chatTemplateHasToolSupport / chatTemplateHasThinkingSupport (the first
+    rule of the latter; the split('</think>') variant is left out)."""
+    caps = set()
+    if "tools" in chat_template or "tool_call" in chat_template:
+        caps.add("tools")
+    if "<think>" in chat_template and "</think>" in chat_template:
+        caps.add("thinking")
+    return caps
+
+
+def go_template_capabilities(template: str) -> set[str]:
+    """server/images.go goTemplateCapabilities, approximated on the text: `.Tools` for tools
+    (Vars contains "tools"), an opening and closing think tag for thinking (thinking.InferTags)."""
+    caps = set()
+    if ".Tools" in template:
+        caps.add("tools")
+    if "<think>" in template and "</think>" in template:
+        caps.add("thinking")
+    return caps
+
+
+def uses_go_template(template: str, chat_template: str, go_template_env: bool | None) -> bool:
+    """server/routes.go shouldUseGoTemplate: OLLAMA_GO_TEMPLATE decides when set; else the Go
+    TEMPLATE is used unless the GGUF's chat template offers more capabilities
+    (server/images.go shouldPreferChatTemplate, without the tool round-trip refinements)."""
+    if not template:
+        return False
+    if go_template_env is not None:
+        return go_template_env
+    return not (chat_template and chat_template_capabilities(chat_template) > go_template_capabilities(template))
+
+
+def render_native(chat_template: str, messages: list[dict], bos: str, eos: str) -> str:
+    """What llama-server renders from the GGUF's Jinja chat template in native mode (its
+    Jinja engine is minja; jinja2 with the settings transformers uses stands in for it)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(chat_template).render(messages=messages, add_generation_prompt=True,
+                                                 bos_token=bos, eos_token=eos)
+
+
+def gguf_chat_format(path: Path) -> tuple[str, str, str]:
+    """tokenizer.chat_template and the BOS and EOS token texts of a GGUF (gguf-py's reader)."""
+    reader = GGUFReader(str(path))
+
+    def field(name):
+        f = reader.fields.get(name)
+        return None if f is None else f.contents()
+
+    tokens = field("tokenizer.ggml.tokens") or []
+    bos, eos = field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")
+    return (field("tokenizer.chat_template") or "", tokens[bos] if bos is not None else "",
+            tokens[eos] if eos is not None else "")
+
+
+def format_parameters(parameters: dict) -> str:
+    """server/routes.go GetModelInfo: one `%-30s %#v` line per value, a list one line per item
+    (Go's map order is random: sorted here). JSON numbers are float64 there: 2048 prints as 2048."""
+    def go_value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v, ensure_ascii=False)
+        if isinstance(v, float) and v.is_integer():
+            return str(int(v))
+        return str(v)
+
+    lines = []
+    for key in sorted(parameters):
+        values = parameters[key] if isinstance(parameters[key], list) else [parameters[key]]
+        lines.extend(f"{key:<30} {go_value(v)}" for v in values)
+    return "\n".join(lines)
+
+
+class LlamaServers:
+    """Upstream llama-server processes, one per model blob, as Ollama runs them since v0.30."""
+
+    def __init__(self):
+        self.running: dict[str, tuple[subprocess.Popen, int]] = {}
+
+    def url(self, tool: str, blob: Path) -> str:
+        if str(blob) not in self.running:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            proc = subprocess.Popen([tool, "-m", str(blob), "--host", "127.0.0.1", "--port", str(port), "-c", "2048",
+                                     "-t", "2", "--no-webui"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.running[str(blob)] = (proc, port)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, f"llama-server exited with {proc.returncode}"
+                try:
+                    if httpx2.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                        break
+                except httpx2.TransportError:
+                    pass
+                time.sleep(0.2)
+        return f"http://127.0.0.1:{self.running[str(blob)][1]}"
+
+    def stop(self):
+        for proc, _ in self.running.values():
+            proc.terminate()
+            proc.wait(10)
+        self.running.clear()
 
 
 class FakeOllama(http.server.BaseHTTPRequestHandler):
-    """Class attributes hold the server's state; `reset()` restores a fresh one."""
+    """Class attributes hold the server's state; `reset()` restores a fresh one.
 
+    A chat is answered by the real `llama_server` (a path) when set, else by the script: `pieces`
+    (or the characters of `answer`), ended as `done_reason` says. Creating needs `quantize` (the
+    path of llama-quantize), which rewrites the GGUF as Ollama does."""
+
+    blob_dir: Path | None = None
     blobs: dict[str, bytes] = {}
-    models: dict[str, dict] = {}  # DisplayShortest name (lower case) -> create request + digest
+    models: dict[str, dict] = {}  # DisplayShortest name (lower case) -> create request, blob, digest
     calls: list[str] = []
     done_reason = "stop"
     answer = "こんにちは。私はアシスタントです。"
+    pieces: list[str] | None = None
     version = "0.33.0"
-    repeat_abort = False  # answer as Ollama does after its token-repeat abort
-    last_prompt = ""  # the prompt the stored TEMPLATE rendered for the last chat
+    go_template: bool | None = None  # OLLAMA_GO_TEMPLATE on the server (None: unset)
+    create_pause = 0.0  # seconds between the progress lines of the GGUF rewrite
+    quantize: str | None = None
+    llama_server: str | None = None
+    servers = LlamaServers()
+    last_prompt = ""  # the prompt rendered for the last chat
 
     @classmethod
     def reset(cls) -> None:
+        cls.servers.stop()
         cls.blobs, cls.models, cls.calls = {}, {}, []
-        cls.done_reason, cls.answer, cls.version = "stop", "こんにちは。私はアシスタントです。", "0.33.0"
-        cls.repeat_abort, cls.last_prompt = False, ""
+        cls.done_reason, cls.answer, cls.pieces, cls.version = "stop", "こんにちは。私はアシスタントです。", None, "0.33.0"
+        cls.go_template, cls.create_pause, cls.last_prompt = None, 0.0, ""
 
+    @classmethod
+    def restart(cls) -> None:
+        """A server restart: server/images.go PruneLayers removes every blob no manifest references."""
+        cls.servers.stop()
+        referenced = {m["blob"] for m in cls.models.values()}
+        cls.blobs = {d: b for d, b in cls.blobs.items() if d in referenced}
+
+    # -- the wire ----------------------------------------------------------------------------------
     def _reply(self, status: int, body: dict | None = None):
-        data = json.dumps(body or {}).encode()
+        data = json.dumps(body or {}, ensure_ascii=False).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+
+    def _answer(self, req: dict, events):
+        """server/routes.go streamResponse (NDJSON, the default) or waitForStream / writeChatResponse
+        (`"stream": false`): an {"error", "status"} event before anything was written is answered
+        with its status (500 without one), after that as a line in the 200 stream."""
+        if req.get("stream", True) is False:
+            latest, content = {}, []
+            for event in events:
+                if "error" in event:
+                    return self._reply(event.get("status", 500), {"error": event["error"]})
+                content.append(((event.get("message") or {}).get("content")) or "")
+                latest = event
+            if "message" in latest:
+                latest = {**latest, "message": {**latest["message"], "content": "".join(content)}}
+            return self._reply(200, latest)
+        written = False
+        for event in events:
+            if "error" in event and not written:
+                return self._reply(event.get("status", 500), {"error": event["error"]})
+            if not written:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-ndjson")
+                self.end_headers()
+                written = True
+            self.wfile.write(json.dumps({"error": event["error"]} if "error" in event else event,
+                                        ensure_ascii=False).encode() + b"\n")
+            self.wfile.flush()
+            if "error" in event:
+                return
 
     def _body(self) -> bytes:
         return self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -170,12 +343,15 @@ class FakeOllama(http.server.BaseHTTPRequestHandler):
             return self._reply(200, {"models": [
                 {"name": display_shortest(m["model"]), "model": display_shortest(m["model"]), "digest": m["digest"]}
                 for m in self.models.values()]})
-        self._reply(404)
+        self._reply(404, {"error": "404 page not found"})
 
     def do_HEAD(self):  # noqa: N802
+        """server/routes.go HeadBlobHandler: 400 for a malformed digest, 404 when absent."""
         self.calls.append(f"HEAD {self.path}")
         digest = self.path.rsplit("/", 1)[-1]
-        self._reply(200 if digest in self.blobs else 404)  # server/routes.go HeadBlobHandler
+        if not DIGEST.match(digest):
+            return self._reply(400, {"error": "invalid digest format"})
+        self._reply(200 if digest in self.blobs else 404)
 
     def do_DELETE(self):  # noqa: N802
         self.calls.append(f"DELETE {self.path}")
@@ -191,59 +367,191 @@ class FakeOllama(http.server.BaseHTTPRequestHandler):
         body = self._body()
         if self.path.startswith("/api/blobs/"):  # server/routes.go CreateBlobHandler
             digest = self.path.rsplit("/", 1)[-1]
-            if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
-                return self._reply(400, {"error": "digest mismatch"})
+            if not DIGEST.match(digest):
+                return self._reply(400, {"error": "invalid digest format"})
+            if digest in self.blobs:
+                return self._reply(200)
+            got = "sha256:" + hashlib.sha256(body).hexdigest()
+            if got != digest:
+                return self._reply(400, {"error": f"digest mismatch, expected {json.dumps(digest)}, got {json.dumps(got)}"})
             self.blobs[digest] = body
             return self._reply(201)
-        req = json.loads(body)
+        try:
+            req = json.loads(body)
+        except ValueError as e:
+            return self._reply(400, {"error": str(e)})
         if self.path == "/api/create":
             return self._create(req)
         if self.path == "/api/chat":
             return self._chat(req)
-        self._reply(404)
+        if self.path == "/api/show":
+            return self._show(req)
+        self._reply(404, {"error": "404 page not found"})
 
+    # -- create -------------------------------------------------------------------------------------
     def _create(self, req: dict):
-        """server/create.go CreateHandler: file names and digests, name check, blobs, template
-        parse; parameters stored as given."""
+        """server/create.go CreateHandler: file names and digests and the name are checked before
+        anything streams (400); then the work streams: parsing GGUF (a missing blob, no GGUF magic),
+        the template, the GGUF rewrite (copyLayerWithLlamaQuantize: a new blob), the manifest."""
         for path, digest in (req.get("files") or {}).items():
             if not valid_path(path):
                 return self._reply(400, {"error": "file path must be relative"})  # errFilePath
             if not digest:
-                return self._reply(400, {"error": "invalid digest format"})  # manifest/paths.go
+                return self._reply(400, {"error": "invalid digest format"})  # manifest.ErrInvalidDigestFormat
         if not name_is_valid(req.get("model", "")):
             return self._reply(400, {"error": "invalid model name"})  # types/errtypes/errtypes.go
+        self._answer(req, self._create_events(req))
+
+    def _create_events(self, req: dict):
         if not req.get("files"):
-            return self._reply(400, {"error": "neither 'from' or 'files' was specified"})
-        missing = [d for d in req["files"].values() if d not in self.blobs]
-        if missing:
-            return self._reply(400, {"error": f"blob not found: {missing[0]}"})
+            yield {"error": "neither 'from' or 'files' was specified", "status": 400}
+            return
+        (name, digest), *_ = req["files"].items()
+        yield {"status": "parsing GGUF"}  # ggufLayersWithMediaType
+        if not DIGEST.match(digest):
+            yield {"error": "invalid digest format"}
+            return
+        if digest not in self.blobs:  # os.Open of the blob path
+            yield {"error": f"open {digest.replace(':', '-')}: no such file or directory"}
+            return
+        if self.blobs[digest][:4] != b"GGUF":  # detectContentType
+            yield {"error": "supplied file was not in GGUF format", "status": 400}
+            return
         error = template_error(req.get("template") or "")
         if error:
-            return self._reply(400, {"error": f"template error: {error}"})  # errBadTemplate
+            yield {"error": f"template error: {error}", "status": 400}  # errBadTemplate
+            return
+        rewritten = yield from self._rewrite(digest)
+        if rewritten is None:
+            return
+        new_digest, data = rewritten
+        self.blobs[new_digest] = data
+        yield {"status": f"creating new layer {new_digest}"}
+        yield {"status": "writing manifest"}
         stored = {k: req.get(k) for k in ("model", "files", "template", "system", "parameters")}
+        stored["blob"] = new_digest
         stored["digest"] = hashlib.sha256(json.dumps(stored, sort_keys=True).encode()).hexdigest()
         self.models[display_shortest(req["model"]).lower()] = stored
-        self._reply(200, {"status": "success"})
+        yield {"status": "success"}
+
+    def _rewrite(self, digest: str):
+        """rewriteLayerWithLlamaQuantize with COPY: progress as "validating GGUF model", then
+        "verifying conversion"; the result is a new blob with its own digest."""
+        assert self.quantize, "the contract server needs FakeOllama.quantize (llama-quantize) to create"
+        total = len(self.blobs[digest])
+        with tempfile.TemporaryDirectory() as tmp:
+            source, out = Path(tmp) / "in.gguf", Path(tmp) / "COPY"
+            source.write_bytes(self.blobs[digest])
+            for done in (0, total // 2, total):
+                yield {"status": "validating GGUF model", "digest": "0000000000000000000", "total": total,
+                       "completed": done}
+                time.sleep(self.create_pause)
+            proc = subprocess.run([self.quantize, "--allow-requantize", str(source), str(out), "COPY"],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                yield {"error": f"failed to validate GGUF with llama-quantize: {proc.stderr[-300:]}"}
+                return None
+            data = out.read_bytes()
+        yield {"status": "verifying conversion"}
+        return "sha256:" + hashlib.sha256(data).hexdigest(), data
+
+    # -- show ---------------------------------------------------------------------------------------
+    def _show(self, req: dict):
+        """server/routes.go ShowHandler / GetModelInfo: the template, system and parameters text."""
+        model = self._model(req.get("model") or req.get("name") or "")
+        if model is None:
+            return self._reply(404, {"error": f"model '{req.get('model')}' not found"})
+        self._reply(200, {"template": model["template"] or "", "system": model["system"] or "",
+                          "parameters": format_parameters(model["parameters"] or {})})
+
+    # -- chat ---------------------------------------------------------------------------------------
+    def _blob_path(self, model: dict) -> Path:
+        path = Path(self.blob_dir or tempfile.gettempdir()) / model["blob"].replace(":", "-")
+        if not path.exists():
+            path.write_bytes(self.blobs[model["blob"]])
+        return path
+
+    def _prompt(self, model: dict, messages: list[dict]) -> str:
+        """The prompt: the Go TEMPLATE (template.Execute) or, in native mode, the GGUF's own
+        chat template (server/routes.go chatModeForModel)."""
+        chat_template, bos, eos = gguf_chat_format(self._blob_path(model))
+        if uses_go_template(model["template"] or "", chat_template, self.go_template):
+            return render(model["template"], messages)
+        return render_native(chat_template, messages, bos, eos)
 
     def _chat(self, req: dict):
         """server/routes.go ChatHandler: 404 for an unknown model, FromMap of the stored parameters
-        and the request's options (handleScheduleError: 500), the system prompt first, then the
-        answer; llm/llama_server.go returns no done response after its token-repeat abort."""
-        model = self._model(req["model"])
+        and the request's options (handleScheduleError: 500), the model's SYSTEM first when the chat
+        has none, `_debug_render_only` answered with the prompt, else the answer streamed."""
+        model = self._model(req.get("model", ""))
         if model is None:
-            return self._reply(404, {"error": f"model '{req['model']}' not found"})
+            return self._reply(404, {"error": f"model '{req.get('model')}' not found"})
         error = from_map(model["parameters"] or {}) or from_map(req.get("options") or {})
         if error:
             return self._reply(500, {"error": error})
-        messages = req["messages"]
-        if model["system"] and messages[0]["role"] != "system":
+        messages = req.get("messages") or []
+        if model["system"] and (not messages or messages[0]["role"] != "system"):
             messages = [{"role": "system", "content": model["system"]}, *messages]
-        type(self).last_prompt = render(model["template"] or "", {
-            "Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]})
-        if self.repeat_abort:
-            return self._reply(200, {"message": {"role": "assistant", "content": "はい" * 31}, "done": False})
-        self._reply(200, {"message": {"role": "assistant", "content": self.answer},
-                          "done": True, "done_reason": self.done_reason})
+        try:
+            prompt = self._prompt(model, messages)
+        except TemplateError as e:  # server/routes.go ChatHandler: chatPrompt's error, 500
+            return self._reply(500, {"error": str(e)})
+        type(self).last_prompt = prompt
+        if req.get("_debug_render_only"):
+            return self._reply(200, {"model": req["model"], "created_at": now(),
+                                     "debug_info": {"rendered_template": prompt, "image_count": 0}})
+        options = {**DEFAULT_OPTIONS, **(model["parameters"] or {}), **(req.get("options") or {})}
+        self._answer(req, self._chat_events(req["model"], model, prompt, options))
+
+    def _chat_events(self, name: str, model: dict, prompt: str, options: dict):
+        """llm/llama_server.go Completion: each llama-server event's content, with the token-repeat
+        abort (the stream then ends without a done line); the last event says stop or length."""
+        last, repeats = "", 0
+        for content, stop_type in self._generate(model, prompt, options):
+            if content.strip() == last:
+                repeats += 1
+            else:
+                last, repeats = content.strip(), 0
+            if repeats > REPEAT_LIMIT:
+                return  # "prediction aborted, token repeat limit reached": no final response
+            if stop_type is not None:
+                yield {"model": name, "created_at": now(), "message": {"role": "assistant", "content": content},
+                       "done": True, "done_reason": "length" if stop_type == "limit" else "stop"}
+                return
+            if content:
+                yield {"model": name, "created_at": now(), "message": {"role": "assistant", "content": content},
+                       "done": False}
+
+    def _generate(self, model: dict, prompt: str, options: dict):
+        """(content, stop_type) events as llama-server's /completion streams them: stop_type None
+        until the last event ("eos", "word" or "limit")."""
+        if self.llama_server is None:
+            pieces = list(self.pieces if self.pieces is not None else self.answer)
+            limit = options["num_predict"]
+            if limit >= 0 and len(pieces) > limit:
+                pieces, ending = pieces[:limit], "limit"
+            else:
+                ending = "limit" if self.done_reason == "length" else "eos"
+            yield from ((p, None) for p in pieces)
+            yield "", ending
+            return
+        url = self.servers.url(self.llama_server, self._blob_path(model))
+        request = {"prompt": prompt, "stream": True, "cache_prompt": True, "n_predict": options["num_predict"],
+                   "n_keep": options["num_keep"], "temperature": options["temperature"], "top_k": options["top_k"],
+                   "top_p": options["top_p"], "min_p": options["min_p"], "stop": options["stop"],
+                   "repeat_penalty": options["repeat_penalty"], "repeat_last_n": options["repeat_last_n"],
+                   "frequency_penalty": options["frequency_penalty"], "presence_penalty": options["presence_penalty"],
+                   "typical_p": options["typical_p"], "seed": options["seed"]}
+        with httpx2.stream("POST", f"{url}/completion", json=request, timeout=120, trust_env=False) as response:
+            for line in response.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                event = json.loads(line[len("data: "):])
+                yield event.get("content", ""), (event.get("stop_type") or "eos") if event.get("stop") else None
 
     def log_message(self, *args):
         pass
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat()

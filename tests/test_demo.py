@@ -16,22 +16,28 @@ learning), and the same checks must fail for it.
 """
 from __future__ import annotations
 
+import http.server
 import json
 import math
 import os
 import shutil
 import socket
 import subprocess
+import threading
 from collections import Counter
 
 import pytest
 
 from makeutil import copy_source_tree, needs_llama_cpp
+from ollama_contract import FakeOllama
+from pipeline import llamacpp
+from pipeline.errors import OllamaError
 from pipeline.config import load_config
 from pipeline.evaluate import heldout_chunks, negative_log_likelihood
 from pipeline.fidelity import trained_variant
 from pipeline.hf import load_tokenizer, resolve_base
 from pipeline.layered import Variant, layered_logits
+from pipeline.ollama import register
 from pipeline.train import train
 
 pytestmark = pytest.mark.slow
@@ -46,8 +52,8 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def user_make(tree, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MAKEFLAGS": "", "OLLAMA_HOST": f"127.0.0.1:{closed_port()}"}
+def user_make(tree, *args: str, ollama_host: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MAKEFLAGS": "", "OLLAMA_HOST": ollama_host or f"127.0.0.1:{closed_port()}"}
     return subprocess.run(["make", "--no-print-directory", *args], cwd=tree, capture_output=True, text=True,
                           env=env, timeout=1500)
 
@@ -160,3 +166,41 @@ def test_the_same_checks_fail_a_run_whose_lora_learning_rate_is_0(demo, tmp_path
     train(frozen)
     problems = learning_problems(frozen)
     assert len(problems) == 3, problems
+
+
+# -- where Ollama runs ------------------------------------------------------------------------------
+
+@pytest.fixture
+def ollama_with_llama_server(tmp_path):
+    """The contract server answering chats with the pinned llama-server on the model's GGUF (as
+    Ollama does since v0.30), through Ollama's options, stops and token-repeat abort."""
+    FakeOllama.reset()
+    FakeOllama.quantize, FakeOllama.llama_server = str(llamacpp.tool("llama-quantize")), str(llamacpp.tool("llama-server"))
+    FakeOllama.blob_dir = tmp_path
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeOllama)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield FakeOllama, f"127.0.0.1:{server.server_port}"
+    server.shutdown()
+    FakeOllama.reset()
+    FakeOllama.llama_server = None
+
+
+def test_make_demo_registers_where_ollama_runs(demo, ollama_with_llama_server, monkeypatch):
+    """The demo's random model repeats one token, so the strict proof fails on Ollama's repeat
+    abort; demo.yaml's smoke proof passes honestly, and make demo ends 0 and names its proof."""
+    tree, cfg, _ = demo
+    ollama, host = ollama_with_llama_server
+    proc = user_make(tree, "demo", ollama_host=host)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "registered agiasi-demo. Proof (ollama.proof: smoke)" in proc.stdout
+    assert "Ollama renders the prompt training saw; it uses TEMPLATE from modelfiles/phi3.Modelfile" in proc.stdout
+    stamp = json.loads(cfg.ollama_stamp.read_text(encoding="utf-8"))
+    assert stamp["proof"]["mode"] == "smoke" and stamp["proof"]["done_reason"] in ("stop", "length")
+    assert ollama.last_prompt.startswith(f"<|system|>\n{cfg.ollama.system}<|end|>\n<|user|>\n")
+    again = user_make(tree, "demo", ollama_host=host)
+    assert again.returncode == 0 and "[ollama]" not in again.stdout, again.stdout  # registered: nothing to do
+
+    strict = cfg.model_copy(update={"ollama": cfg.ollama.model_copy(update={"proof": "strict"})})
+    monkeypatch.setenv("OLLAMA_HOST", host)
+    with pytest.raises(OllamaError, match="Ollama cut the answer off without a done line"):
+        register(strict)

@@ -193,20 +193,22 @@ def test_kill_minus_9_then_make_again(reference, tiny_phi3_dir, tmp_path, stage,
 
 
 @pytest.fixture(scope="module")
-def ollama_server():
+def ollama_server(tmp_path_factory):
     """The contract server of test_ollama (our REST client's view of Ollama), for register."""
     import http.server
     import threading
 
-    from test_ollama import FakeOllama
+    from ollama_contract import FakeOllama
+    from pipeline import llamacpp
 
-    FakeOllama.blobs, FakeOllama.models, FakeOllama.calls = {}, {}, []
-    FakeOllama.done_reason, FakeOllama.answer = "stop", "こんにちは。私はアシスタントです。"
+    FakeOllama.reset()
+    FakeOllama.quantize, FakeOllama.blob_dir = str(llamacpp.tool("llama-quantize")), tmp_path_factory.mktemp("blobs")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeOllama)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "ollama").exists())
     yield {**os.environ, "MAKEFLAGS": "", "OLLAMA_HOST": f"127.0.0.1:{server.server_port}", "PATH": path}
     server.shutdown()
+    FakeOllama.reset()
 
 
 def copy_run(ref_run: Path, run: Path) -> None:

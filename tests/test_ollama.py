@@ -2,6 +2,7 @@
 Ollama's source says (these tests check what we hand to Ollama, not Ollama itself)."""
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import os
@@ -18,14 +19,15 @@ from makeutil import needs_llama_cpp
 from ollama_contract import FakeOllama
 from pipeline.config import load_config
 from pipeline.errors import OllamaError
-from pipeline.ollama import register, render_modelfile, write_modelfile
+from pipeline.ollama import PROOF_PROMPT, family_spec, register, render_modelfile, write_modelfile
 
 STOPS = ["<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>"]
 
 
 @pytest.fixture
 def cfg(tiny_phi3_dir, tmp_path):
-    return load_config(write_config(tmp_path / "c.yaml", small_config(tiny_phi3_dir, tmp_path / "b")))
+    raw = small_config(tiny_phi3_dir, tmp_path / "b", ollama={"proof": "strict"})  # demo.yaml's is smoke
+    return load_config(write_config(tmp_path / "c.yaml", raw))
 
 
 def test_modelfile_has_template_stops_system_and_parameters(cfg):
@@ -65,8 +67,12 @@ def test_register_without_ollama_says_how_to_get_it(cfg, tmp_path):
 
 
 @pytest.fixture
-def fake_ollama(monkeypatch):
+def fake_ollama(monkeypatch, tmp_path):
+    from pipeline import llamacpp
+
+    needs_llama_cpp()
     FakeOllama.reset()
+    FakeOllama.quantize, FakeOllama.blob_dir = str(llamacpp.tool("llama-quantize")), tmp_path
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeOllama)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{server.server_port}")
@@ -93,21 +99,36 @@ def built(cfg, tiny_phi3_dir):
     return cfg
 
 
-def test_register_through_the_rest_api_uploads_once_and_proves_the_model(built, fake_ollama, no_ollama_cli):
+def test_register_through_the_rest_api_uploads_once_and_proves_the_model(built, fake_ollama, no_ollama_cli,
+                                                                       capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path))  # a server on this machine: its free disk is said
     stamp = json.loads(register(built).read_text())
     digest = "sha256:" + stamp["gguf_sha256"]
-    assert list(fake_ollama.blobs) == [digest]
     req = fake_ollama.models[f"{built.ollama.model}:latest"]
     assert req["files"] == {"t-q4_k_m.gguf": digest}
+    assert req["blob"] != digest and set(fake_ollama.blobs) == {digest, req["blob"]}  # Ollama's rewrite
     assert stamp["server_digest"] == req["digest"]
-    assert req["template"].startswith("{{- range $i, $_ := .Messages }}")
+    assert req["template"] == family_spec("phi3")[0]
     assert req["parameters"]["stop"] == STOPS and req["parameters"]["num_ctx"] == 2048
     assert req["system"] == built.ollama.system
-    assert stamp["proof"]["answer"] == fake_ollama.answer
+    assert stamp["proof"] == {"mode": "strict", "prompt": PROOF_PROMPT, "answer": fake_ollama.answer,
+                              "done_reason": "stop"}
+    out = capsys.readouterr().out
+    assert "[ollama] validating GGUF model" in out and "[ollama] success" in out  # create's stream, as it came
+    assert "Ollama renders the prompt training saw; it uses TEMPLATE from modelfiles/phi3.Modelfile" in out
+    size = built.gguf_path("Q4_K_M").stat().st_size
+    assert f"create needs about {2 * size / 1e6:.1f} MB free" in out and "pruned at its next start" in out
+    assert f"; {tmp_path} has " in out
     # a second registration finds the blob on the server and does not upload it again
     fake_ollama.calls.clear()
     register(built)
     assert not any(c.startswith("POST /api/blobs") for c in fake_ollama.calls)
+    assert "still has t-q4_k_m.gguf" in capsys.readouterr().out
+    # a restart prunes the upload (only the rewrite is referenced): the next registration uploads again
+    fake_ollama.restart()
+    assert digest not in fake_ollama.blobs
+    register(built)
+    assert "POST /api/blobs/" + digest in fake_ollama.calls
 
 
 def test_client_digest_matches_what_the_server_checks(built, fake_ollama, tmp_path):
@@ -121,7 +142,7 @@ def test_client_digest_matches_what_the_server_checks(built, fake_ollama, tmp_pa
 @pytest.mark.parametrize("done_reason,answer,message", [
     ("length", "ずっと話し続けます", "not by a stop token"),
     ("stop", "", "the answer is empty"),
-    ("stop", "はい<|end|>", "raw special token"),
+    ("stop", "はい<|im_end|>", "raw special token"),
 ])
 def test_a_model_that_does_not_answer_properly_gets_no_stamp(built, fake_ollama, no_ollama_cli,
                                                              done_reason, answer, message):
@@ -140,8 +161,6 @@ def test_a_broken_gguf_is_never_uploaded(built, fake_ollama, no_ollama_cli):
 
 
 def test_family_spec_matches_the_modelfile(cfg):
-    from pipeline.ollama import family_spec
-
     template, stops = family_spec("phi3")
     assert stops == STOPS and f'TEMPLATE """{template}"""' in render_modelfile(cfg)
 
@@ -154,8 +173,9 @@ def test_real_ollama_registers_answers_and_stops(built):
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
-    stamp = json.loads(register(built).read_text())
-    assert stamp["proof"]["answer"]
+    tiny = built.model_copy(update={"ollama": built.ollama.model_copy(update={"proof": "smoke"})})
+    stamp = json.loads(register(tiny).read_text())  # a tiny random model: the smoke proof
+    assert stamp["proof"]["mode"] == "smoke" and stamp["proof"]["done_reason"] in ("stop", "length")
 
 
 CONVERSATIONS = [
@@ -170,25 +190,22 @@ CONVERSATIONS = [
 
 @pytest.mark.parametrize("messages", CONVERSATIONS, ids=["user", "system", "multi-turn", "mixed"])
 def test_ollama_template_renders_what_the_tokenizer_renders(tiny_phi3_dir, messages):
-    """Ollama's TEMPLATE (rendered by tests/gotemplate.py, a subset of Go's
-    text/template) gives the same prompt text as the model's own chat template."""
+    """Ollama's TEMPLATE (rendered by tests/gotemplate.py: Go's own text/template, run as
+    Ollama's /api/chat runs it) gives the same prompt text as the model's own chat template."""
     from gotemplate import render
     from transformers import AutoTokenizer
-
-    from pipeline.ollama import family_spec
 
     template, _ = family_spec("phi3")
     want = AutoTokenizer.from_pretrained(str(tiny_phi3_dir)).apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True)
-    got = render(template, {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]})
-    assert got == want
+    assert render(template, messages) == want
 
 
 def test_the_oracle_can_tell_a_wrong_template():
     from gotemplate import render
 
     wrong = '{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}\n{{ end }}<|assistant|>\n'
-    got = render(wrong, {"Messages": [{"Role": "user", "Content": "hi"}]})
+    got = render(wrong, [{"role": "user", "content": "hi"}])
     assert got == "<|user|>\nhi\n<|assistant|>\n"  # no <|end|>: the Phi-3 check would fail it
 
 
@@ -330,13 +347,14 @@ def failing_cli(tmp_path, monkeypatch):
 
 
 def reconfigured(cfg, tmp_path, **ollama):
-    raw = small_config(cfg.resolve(cfg.model.base), Path(cfg.run_dir).parent, ollama=ollama)
+    raw = small_config(cfg.resolve(cfg.model.base), Path(cfg.run_dir).parent, ollama={"proof": "strict", **ollama})
     new = load_config(write_config(tmp_path / "c2.yaml", raw))
     write_modelfile(new)
     return new
 
 
-CUSTOM = "{{ range .Messages }}<|{{ .Role }}|>{{ .Content }}<|end|>{{ end }}<|assistant|>"
+# Phi-3's format written another way: it renders what the model's own template renders
+CUSTOM = "{{ range $m := .Messages }}{{ printf \"<|%s|>\\n%s<|end|>\\n\" $m.Role $m.Content }}{{ end }}<|assistant|>\n"
 
 
 def test_custom_template_stops_and_unprintable_runes_reach_the_server(built, fake_ollama, failing_cli, tmp_path):
@@ -350,7 +368,7 @@ def test_custom_template_stops_and_unprintable_runes_reach_the_server(built, fak
     assert req["template"] == CUSTOM and req["system"] == system
     assert req["parameters"] == {"temperature": 1.0, "num_ctx": 2048, "stop": STOPS[::-1]}
     assert isinstance(req["parameters"]["temperature"], float)  # api/types.go: float32 field
-    assert fake_ollama.last_prompt.startswith(f"<|system|>{system}<|end|><|user|>")
+    assert fake_ollama.last_prompt.startswith(f"<|system|>\n{system}<|end|>\n<|user|>\n")
     text = cfg.modelfile_path.read_text(encoding="utf-8")
     assert f'TEMPLATE """{CUSTOM}"""' in text and f'SYSTEM """{system}"""' in text
     assert "PARAMETER temperature 1.0" in text and "PARAMETER num_ctx 2048" in text
@@ -385,15 +403,18 @@ def test_what_the_server_stores_passes_from_map(built, fake_ollama, no_ollama_cl
 
 # -- failure messages -------------------------------------------------------------------------
 def test_a_repeat_abort_is_named(built, fake_ollama, no_ollama_cli):
-    fake_ollama.repeat_abort = True
+    """31 repeats of one piece pass Ollama's rule, a 32nd aborts the stream without a done line."""
+    fake_ollama.pieces = ["は"] + ["い"] * 31
+    register(built)
+    fake_ollama.pieces = ["は"] + ["い"] * 32
     with pytest.raises(OllamaError, match="repeats one token more than 30 times") as e:
         register(built)
     assert "None" not in str(e.value) and not built.ollama_stamp.exists()
 
 
 def test_an_old_server_is_named(built, fake_ollama, no_ollama_cli):
-    fake_ollama.version = "0.5.4"
-    with pytest.raises(OllamaError, match=r"Ollama 0.5.4 at .* is too old.*0.5.5"):
+    fake_ollama.version = "0.11.4"
+    with pytest.raises(OllamaError, match=r"Ollama 0.11.4 at .* is too old.*_debug_render_only.*0.11.5"):
         register(built)
     fake_ollama.version = "0.0.0"  # a development build: not judged by its number
     register(built)
@@ -410,7 +431,7 @@ def test_a_timeout_is_not_a_missing_server(built, fake_ollama):
     silent.listen(1)  # accepts connections, never answers
     try:
         client = OllamaClient(host=f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.5)
-        with pytest.raises(OllamaTimeout, match="did not finish creating x within 0 s.*make ollama"):
+        with pytest.raises(OllamaTimeout, match="sent nothing for 0.5 s while creating x.*make ollama"):
             client.create("x", {}, "", "", {})
     finally:
         silent.close()
@@ -447,6 +468,10 @@ def test_the_stamp_follows_the_server(built, fake_ollama, no_ollama_cli, monkeyp
 
 
 def test_the_contract_server_rejects_what_ollama_rejects(built, fake_ollama):
+    """Each refusal as Ollama gives it (server/create.go, server/routes.go), run against our client:
+    checks before the stream are HTTP errors, failures during it are {"error"} lines in a 200."""
+    import httpx2
+
     from pipeline.ollama import OllamaClient
 
     client = OllamaClient()
@@ -456,13 +481,91 @@ def test_the_contract_server_rejects_what_ollama_rejects(built, fake_ollama):
     for path in ("/abs/x.gguf", "../x.gguf", "a//x.gguf"):  # io/fs.ValidPath
         with pytest.raises(OllamaError, match="file path must be relative"):
             client.create("good", {path: digest}, "", "", {})
-    with pytest.raises(OllamaError, match="invalid digest format"):
+    with pytest.raises(OllamaError, match=r"creating good .*failed \(400\): invalid digest format"):
         client.create("good", {"x.gguf": ""}, "", "", {})
-    with pytest.raises(OllamaError, match="blob not found"):
+    with pytest.raises(OllamaError, match="failed while creating good: invalid digest format"):
+        client.create("good", {"x.gguf": "sha256:xyz"}, "", "", {})
+    with pytest.raises(OllamaError, match="failed while creating good: open sha256-1+: no such file"):
+        client.create("good", {"x.gguf": digest}, "", "", {})  # a missing blob: 500, or a line in a stream
+    base = os.environ["OLLAMA_HOST"]
+    missing = httpx2.post(f"http://{base}/api/create", json={"model": "good", "files": {"x.gguf": digest},
+                                                             "stream": False})
+    assert missing.status_code == 500
+    assert httpx2.head(f"http://{base}/api/blobs/sha256:xyz").status_code == 400  # malformed: 400, not 404
+    fake_ollama.blobs[digest] = b"not a gguf"
+    with pytest.raises(OllamaError, match="supplied file was not in GGUF format"):
         client.create("good", {"x.gguf": digest}, "", "", {})
-    fake_ollama.blobs[digest] = b""
-    with pytest.raises(OllamaError, match="template error"):
-        client.create("good", {"x.gguf": digest}, "{{ range .Messages }}", "", {})
-    client.create("good", {"x.gguf": digest}, "{{ .Prompt }}", "", {"num_ctx": "4096"})
+    gguf = built.gguf_path("Q4_K_M")
+    real = "sha256:" + hashlib.sha256(gguf.read_bytes()).hexdigest()
+    client.push_blob(gguf, real)
+    with pytest.raises(OllamaError, match="template error: template: .*unexpected EOF"):
+        client.create("good", {"x.gguf": real}, "{{ range .Messages }}", "", {})
+    client.create("good", {"x.gguf": real}, "{{ .Prompt }}", "", {"num_ctx": "4096"})
     with pytest.raises(OllamaError, match='option "num_ctx" must be of type integer'):
         client.chat("good", [{"role": "user", "content": "hi"}], {})
+    streamed = httpx2.post(f"http://{base}/api/chat", json={"model": "good", "messages": []})
+    assert streamed.status_code == 500  # FromMap fails before the stream starts
+    client.create("good", {"x.gguf": real}, "{{ .Prompt }}", "", {})
+    lines = httpx2.post(f"http://{base}/api/chat", json={"model": "good", "messages": []}).text.splitlines()
+    assert len(lines) > 2 and json.loads(lines[-1])["done"] is True  # NDJSON unless "stream": false
+
+
+# -- the prompt Ollama really renders (_debug_render_only) -------------------------------------------
+
+def test_a_template_that_renders_another_prompt_is_caught(built, fake_ollama, no_ollama_cli, tmp_path):
+    """A TEMPLATE that drops Phi-3's newlines: created fine, but the rendered prompt is not training's."""
+    wrong = "{{ range .Messages }}<|{{ .Role }}|>{{ .Content }}<|end|>{{ end }}<|assistant|>"
+    cfg = reconfigured(built, tmp_path, template=wrong, stop=STOPS)
+    with pytest.raises(OllamaError, match=r"renders another prompt than training saw, at character 10: "
+                                          r"Ollama '<\|system\|>.*training '<\|system\|>\\n.*TEMPLATE from "
+                                          r"ollama.template.*ollama.family, or ollama.template") as e:
+        register(cfg)
+    assert "natively" not in str(e.value) and not cfg.ollama_stamp.exists()
+    assert "POST /api/chat" in fake_ollama.calls  # asked with _debug_render_only, never answered
+
+
+@pytest.fixture
+def gguf_with_own_template(built, tiny_phi3_dir, tmp_path):
+    """The served GGUF converted from a copy of the base whose chat template mentions tools and
+    adds a line training never saw: Ollama prefers such a template to TEMPLATE."""
+    import shutil
+
+    from pipeline import llamacpp
+
+    copy = shutil.copytree(tiny_phi3_dir, tmp_path / "with-tools")
+    jinja = copy / "chat_template.jinja"
+    jinja.write_text("{%- if tools %}{{ tools }}{% endif %}ツールが使えます。\n" + jinja.read_text(encoding="utf-8"),
+                     encoding="utf-8")
+    config = json.loads((copy / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.pop("chat_template", None)
+    (copy / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    llamacpp.convert_hf_to_gguf(copy, built.gguf_path("Q4_K_M"), "q8_0", model_name="t-phi3")
+    write_modelfile(built)
+    return built
+
+
+def test_a_gguf_template_that_ollama_prefers_is_named(gguf_with_own_template, fake_ollama, no_ollama_cli):
+    cfg = gguf_with_own_template
+    with pytest.raises(OllamaError, match=r"renders another prompt.*Ollama 'ツールが使えます。.*"
+                                          r"t-q4_k_m.gguf's own chat template, natively: it mentions 'tools'.*"
+                                          r"OLLAMA_GO_TEMPLATE=true"):
+        register(cfg)
+    assert fake_ollama.last_prompt.startswith("ツールが使えます。")
+    fake_ollama.go_template = True  # OLLAMA_GO_TEMPLATE=true on the server: TEMPLATE wins again
+    register(cfg)
+    assert fake_ollama.last_prompt.startswith("<|system|>\n")
+
+
+def test_the_stops_ollama_stored_are_checked(built, fake_ollama, no_ollama_cli, monkeypatch):
+    from ollama_contract import format_parameters
+
+    from pipeline.ollama import registered_stops
+
+    text = format_parameters({"stop": STOPS, "num_ctx": 2048.0, "temperature": 0.7})
+    assert 'stop                           "<|end|>"' in text.splitlines()  # %-30s %#v
+    assert "num_ctx                        2048" in text.splitlines()
+    assert registered_stops(text) == STOPS
+    monkeypatch.setattr("ollama_contract.format_parameters", lambda p: format_parameters(
+        {**p, "stop": [s for s in p["stop"] if s != "<|endoftext|>"]}))
+    with pytest.raises(OllamaError, match=r"stored no stop \['<\|endoftext\|>'\]"):
+        register(built)
