@@ -29,6 +29,15 @@ def start(handler_class, host: str = "127.0.0.1") -> tuple[http.server.Threading
     return server, f"{host}:{server.server_port}"
 
 
+def send_json(handler: http.server.BaseHTTPRequestHandler, obj) -> None:
+    data = json.dumps(obj, ensure_ascii=False).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 # -- a proxy that records what it is asked ------------------------------------------------------
 
 class RecordingProxy(http.server.BaseHTTPRequestHandler):
@@ -39,12 +48,7 @@ class RecordingProxy(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802
         self.seen.append(f"{self.command} {self.path}")
-        data = json.dumps({"version": "0.33.0"}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, {"version": "0.33.0"})
 
     def log_message(self, *args):
         pass
@@ -101,13 +105,7 @@ def test_serves_backend_reaches_loopback_directly(proxy, tmp_path, tiny_phi3_dir
     class Backend(http.server.BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
             self.rfile.read(int(self.headers["Content-Length"]))
-            data = json.dumps({"choices": [{"message": {"role": "assistant",
-                                                        "content": "<final>直接</final>"}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, {"choices": [{"message": {"role": "assistant", "content": "<final>直接</final>"}}]})
 
         def log_message(self, *args):
             pass
