@@ -190,11 +190,17 @@ def test_an_unusable_ollama_host_is_a_message(value, monkeypatch, tmp_path, tiny
 
 
 def keeps_the_stamp(cfg) -> str:
+    """The stamp check keeps the stamp and says why; `plan`, which pipeline.mk runs before every
+    target, still ends 0 without a traceback, so no make target is stopped by it."""
     cfg.ollama_stamp.parent.mkdir(parents=True, exist_ok=True)
     cfg.ollama_stamp.write_text(json.dumps({"model": cfg.ollama.model, "server_digest": "abc"}))
     line = stamp_follows_server(cfg)
     assert cfg.ollama_stamp.exists(), line
     assert "keeping ollama.json" in line
+    plan = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--config", str(cfg.source)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert plan.returncode == 0 and "keeping ollama.json" in plan.stderr, plan.stderr
+    assert "Traceback" not in plan.stderr and cfg.ollama_stamp.exists()
     return line
 
 
