@@ -473,6 +473,11 @@ def create_with_api(cfg: Config, client: OllamaClient, gguf: Path, sha256: str |
 
 PROOF_PROMPT = "こんにちは。自己紹介を一文でしてください。"
 SMOKE_TOKENS = 16  # below Ollama's repeat abort (more than 30 repeats of one token)
+# What the rendered prompt is checked on: a reply and a second question, so that every role the
+# chat format writes (the model's SYSTEM comes first, from Ollama) and the generation prompt show.
+RENDER_CONVERSATION = [{"role": "user", "content": "富士山の高さは？"},
+                       {"role": "assistant", "content": "3776メートルです。"},
+                       {"role": "user", "content": PROOF_PROMPT}]
 
 
 def chat_source_dir(cfg: Config) -> Path | None:
@@ -522,7 +527,7 @@ def prove_prompt(cfg: Config, client: OllamaClient, gguf: Path) -> None:
     model_dir = chat_source_dir(cfg)
     if model_dir is None:
         raise OllamaError(f"{cfg.fused_dir}: no fused model to render training's prompt with; run `make fuse`")
-    asked = [{"role": "user", "content": PROOF_PROMPT}]
+    asked = RENDER_CONVERSATION
     system = [{"role": "system", "content": cfg.ollama.system}] if cfg.ollama.system else []
     got = client.rendered_prompt(cfg.ollama.model, asked)
     want = training_prompt(model_dir, system + asked)
