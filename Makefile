@@ -125,8 +125,9 @@ plots: ## Plot alpha/gate with the phases, loss, orthogonality: reports/*.png
 eval: ## Held-out Japanese perplexity of every model: reports/eval.md
 serve: ## Serve POST /think (only <final>) and the dashboard on 127.0.0.1:8642
 
-$(TINY)/config.json: pipeline/tiny.py | $(VENV_READY)
-	@echo "==> [tiny-model] building the tiny offline Phi-3 demo base"
+# Its tokenizer and chat template are Phi-3.5's real ones, from the pinned llama.cpp's source.
+$(TINY)/config.json: pipeline/tiny.py pipeline/vocab.py scripts/llama-cpp.pin | $(VENV_READY) $(LLAMA_READY)
+	@echo "==> [tiny-model] building the tiny offline Phi-3 demo base (Phi-3.5's real tokenizer)"
 	$(PY) -m pipeline tiny-model --out $(TINY)
 
 .PHONY: demo

@@ -6,7 +6,8 @@
 
 It builds, offline and deterministically, a base of Phi-3.5-mini's real shape
 (pipeline/phi35.py: the hub's config.json keys, 4 bf16 safetensors shards
-with an index, the tiny tokenizer, logits at a realistic scale), then runs
+with an index, Phi-3.5's real tokenizer and chat template from the pinned
+llama.cpp's source, logits at a realistic scale), then runs
 the real stages through the real CLI (`python -m pipeline <stage>`) with
 config.yaml's settings and a couple of training steps: data (the bundled
 JSONL in place of the hub dataset), train, fuse, convert, imatrix, quantize. Per stage it prints:

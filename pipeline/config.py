@@ -207,8 +207,8 @@ class OllamaSection(_Section):
     # What `make ollama` proves after create. Both: Ollama renders exactly the prompt training saw
     # (_debug_render_only) and stores every stop. strict: a greedy Japanese answer ends by a stop
     # token within 512 tokens, free of raw special tokens (a trained model). smoke: a 16-token
-    # greedy answer arrives (a tiny random model, as in demo.yaml, repeats one token, and Ollama
-    # aborts a stream that repeats one token more than 30 times, llm/llama_server.go).
+    # greedy answer arrives (a tiny random model may repeat one token, and Ollama aborts a stream
+    # that repeats one token more than 30 times, llm/llama_server.go).
     proof: Literal["strict", "smoke"] = "strict"
 
 

@@ -66,7 +66,6 @@ def imatrix(cfg: Config) -> Path:
         raise BadInputError(f"{cfg.source}: gguf.imatrix.calibration is not set; there is no importance matrix to build")
     src = cfg.gguf_path(cfg.gguf.outtype)
     verify_file(src)
-    require(cfg, "imatrix")
     try:
         text = calibration.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -76,5 +75,8 @@ def imatrix(cfg: Config) -> Path:
     if n < 2 * ctx:
         raise BadInputError(f"{calibration}: {n} tokens, but gguf.imatrix.ctx = {ctx} needs at least {2 * ctx} "
                             "(two chunks); give more text or a smaller ctx")
+    # After the text check: a ctx past the text is the problem to name, not the memory it would take
+    # (logits of ctx tokens over 32064 rows: 259 GB at ctx 1e6 with Phi-3's vocabulary).
+    require(cfg, "imatrix")
     print(f"[imatrix] {src.name} on {calibration.name} ({n} tokens, chunks of {ctx}) -> {out.name}")
     return llamacpp.compute_imatrix(src, calibration, out, ctx=ctx, chunks=cfg.gguf.imatrix.chunks)

@@ -5,8 +5,9 @@ The real run's base is Borea-Phi-3.5-mini (3.8B, 32 layers, hidden 3072,
 full-size rehearsal (bench/fullsize.py) and the LongRoPE tests build a model
 with the hub's config.json keys and values (LongRoPE factors, 131072/4096
 positions, sliding window, auto_map, bf16), sharded safetensors with an
-index, and the tiny offline tokenizer (its ~780 tokens; the other rows are
-padding, as Phi-3 pads 32011 to 32064). Weights are random but seeded per
+index, and Phi-3.5's real tokenizer and chat template (pipeline/tiny.py takes
+them from the pinned llama.cpp's source: 32011 ids in 32064 rows, as Phi-3
+pads them). Weights are random but seeded per
 tensor, written one tensor at a time (memory for a tensor, not a model), and
 the embeddings and head are scaled so that logits have a std of about 4, as
 a trained model's do.
@@ -138,7 +139,8 @@ def build_phi35_shaped(out_dir: Path, *, num_hidden_layers: int = 2, hidden_size
                               token_ids={"bos": ids["<s>"], "eos": ids[ENDOFTEXT]})
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (staging / "generation_config.json").write_text(json.dumps({
-            "bos_token_id": ids["<s>"], "eos_token_id": [ids[ENDOFTEXT], ids["<|end|>"], ids["<|assistant|>"]],
+            # As Borea's generation_config.json: <|end|>, <|assistant|>, <|endoftext|> (32007, 32001, 32000).
+            "bos_token_id": ids["<s>"], "eos_token_id": [ids["<|end|>"], ids["<|assistant|>"], ids[ENDOFTEXT]],
             "pad_token_id": ids[ENDOFTEXT]}, indent=2) + "\n", encoding="utf-8")
         write_shards(staging, tensor_shapes(config), hidden_size, seed, shards)
     return out_dir

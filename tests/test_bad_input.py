@@ -371,9 +371,9 @@ def bases(tiny_phi3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     root = tmp_path_factory.mktemp("bases")
     out = {"phi3": tiny_phi3_dir, "hidden36": build_tiny_phi3(root / "hidden36", hidden_size=36, num_heads=2)}
     others = {
-        "llama": LlamaForCausalLM(LlamaConfig(vocab_size=800, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        "llama": LlamaForCausalLM(LlamaConfig(vocab_size=32064, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                               num_attention_heads=2, num_key_value_heads=2)),
-        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=800, n_embd=32, n_layer=1, n_head=2)),
+        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=32064, n_embd=32, n_layer=1, n_head=2)),
     }
     for name, model in others.items():
         model.save_pretrained(root / name)

@@ -38,21 +38,33 @@ def trained_text(tok, ex) -> str:
 # -- tokenization ------------------------------------------------------------------
 
 def test_only_replies_and_their_end_token_are_trained(tokenizer):
+    """On Phi-3.5's real tokenizer the trained tokens are exactly each reply's tokens (its dummy-prefix
+    piece and byte-fallback pieces included: 寧 has no piece of its own) and the <|end|> after it."""
+    replies = ["3776メートルです。", "どういたしまして。丁寧にどうぞ 😀"]
     rec = {"messages": [
         {"role": "system", "content": "丁寧に答えて。"},
         {"role": "user", "content": "富士山の高さは？"},
-        {"role": "assistant", "content": "3776メートルです。"},
+        {"role": "assistant", "content": replies[0]},
         {"role": "user", "content": "ありがとう"},
-        {"role": "assistant", "content": "どういたしまして。"},
+        {"role": "assistant", "content": replies[1]},
     ]}
     ex = tokenize_record(tokenizer, rec, 512, "x:1")
     text = trained_text(tokenizer, ex)
     assert "3776メートルです。" in text and "どういたしまして。" in text
-    assert "富士山" not in text and "丁寧" not in text and "<|user|>" not in text
-    end = tokenizer.convert_tokens_to_ids("<|end|>")
-    trained_ids = [i for i, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE]
-    assert trained_ids.count(end) == 2  # each reply teaches the model to stop
-    assert ex.input_ids[0] == tokenizer.bos_token_id
+    assert "富士山" not in text and "丁寧に答えて" not in text and "<|user|>" not in text
+    end, assistant = tokenizer.convert_tokens_to_ids(["<|end|>", "<|assistant|>"])
+    trained = [k for k, lab in enumerate(ex.labels) if lab != IGNORE]
+    assert all(ex.labels[k] == ex.input_ids[k] for k in trained)
+    # Each reply is one run of trained positions, right after its <|assistant|> marker, ending on <|end|>.
+    starts = [k for k in trained if k - 1 not in trained]
+    assert [ex.input_ids[k - 1] for k in starts] == [assistant, assistant]
+    expected = []
+    for reply in replies:
+        reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+        assert tokenizer.convert_tokens_to_ids("<0xE5>") in reply_ids or "丁寧" not in reply
+        expected += reply_ids + [end]
+    assert [ex.input_ids[k] for k in trained] == expected  # each reply teaches the model to stop
+    assert ex.input_ids[0] == tokenizer.bos_token_id and ex.input_ids.count(tokenizer.bos_token_id) == 1
 
 
 def test_text_records_train_every_token_and_are_cut(tokenizer):

@@ -8,9 +8,15 @@ reports; a second `make demo` must build nothing.
 On that run, training must be shown to help, by figures a run that learns nothing cannot reach:
 - the training loss closes at least half the distance from its first step to the unigram
   entropy of the demo's own answer tokens (the best any model that ignores context can do);
-- the validation loss at the end is below the first one logged;
+- the validation loss at the end is below the first one logged and below a uniform guess's;
 - the trained model's held-out perplexity (data/heldout_ja.txt, never trained on) is below the
-  base's, and `make eval` passes demo.yaml's bound.
+  base's and below a uniform guess's, and `make eval` passes demo.yaml's bound.
+A uniform guess over the head's 32064 rows (Phi-3's real vocabulary) has loss ln 32064 = 10.38.
+The random base, whose logits have a std of 4, is far worse (held-out perplexity 7.4e7, loss
+18.1), so beating the base, or lowering the validation loss, takes no learning: flattening the
+logits is enough, and the soul alone does it (h + g R h with R near -I shrinks h). Measured on
+2026-12-06 with LoRA frozen: validation loss 18.5 -> 13.6, held-out perplexity 2.0e6, both
+below where they started, both above the uniform guess's; the demo's run ends at 9.1 and 1.9e4.
 The negative control trains the same run with a LoRA learning rate of 0 (the soul still
 learning), and the same checks must fail for it.
 """
@@ -31,7 +37,6 @@ import pytest
 from makeutil import copy_source_tree, needs_llama_cpp
 from ollama_contract import FakeOllama
 from pipeline import llamacpp
-from pipeline.errors import OllamaError
 from pipeline.config import load_config
 from pipeline.evaluate import heldout_chunks, negative_log_likelihood
 from pipeline.fidelity import trained_variant
@@ -130,13 +135,16 @@ def learning_problems(cfg) -> list[str]:
     if first - last < (first - floor) / 2:
         problems.append(f"training loss {first:.3f} -> {last:.3f} (last 4 steps) closes less than half the distance "
                         f"to the answers' unigram entropy {floor:.3f}")
+    rows_of_head = json.loads((resolve_base(cfg) / "config.json").read_text(encoding="utf-8"))["vocab_size"]
+    uniform = math.log(rows_of_head)  # the loss of a uniform guess: flattened logits reach it
     val = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
-    if len(val) < 2 or val[-1] >= val[0]:
-        problems.append(f"validation loss did not fall: {val}")
+    if len(val) < 2 or val[-1] >= min(val[0], uniform):
+        problems.append(f"validation loss did not fall below its first value and a uniform guess's "
+                        f"{uniform:.3f}: {val}")
     nll = heldout_nll(cfg)
-    if nll["trained"] >= nll["base"]:
+    if nll["trained"] >= min(nll["base"], uniform):
         problems.append(f"held-out perplexity {math.exp(nll['trained']):.4g} is not below the base's "
-                        f"{math.exp(nll['base']):.4g}")
+                        f"{math.exp(nll['base']):.4g} and a uniform guess's {rows_of_head}")
     return problems
 
 
@@ -186,8 +194,11 @@ def ollama_with_llama_server(tmp_path):
 
 
 def test_make_demo_registers_where_ollama_runs(demo, ollama_with_llama_server, monkeypatch):
-    """The demo's random model repeats one token, so the strict proof fails on Ollama's repeat
-    abort; demo.yaml's smoke proof passes honestly, and make demo ends 0 and names its proof."""
+    """demo.yaml's smoke proof passes honestly, and make demo ends 0 and names its proof. On Phi-3.5's
+    real vocabulary the trained demo model also ends its greedy answer with a stop token, so the
+    strict proof passes on it too (on the earlier home-made vocabulary it repeated one token and
+    Ollama's repeat abort failed it; that failure is tests/test_ollama.py's
+    test_a_model_that_does_not_answer_properly_gets_no_stamp)."""
     tree, cfg, _ = demo
     ollama, host = ollama_with_llama_server
     proc = user_make(tree, "demo", ollama_host=host)
@@ -202,5 +213,5 @@ def test_make_demo_registers_where_ollama_runs(demo, ollama_with_llama_server, m
 
     strict = cfg.model_copy(update={"ollama": cfg.ollama.model_copy(update={"proof": "strict"})})
     monkeypatch.setenv("OLLAMA_HOST", host)
-    with pytest.raises(OllamaError, match="Ollama cut the answer off without a done line"):
-        register(strict)
+    strict_stamp = json.loads(register(strict).read_text(encoding="utf-8"))
+    assert strict_stamp["proof"]["mode"] == "strict" and strict_stamp["proof"]["done_reason"] == "stop"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,9 +90,11 @@ def test_fused_folder_is_a_standard_phi3(fused_run):
     hf = json.loads((fused / "config.json").read_text())
     assert hf["architectures"] == ["Phi3ForCausalLM"] and hf["tie_word_embeddings"] is False
     assert "auto_map" not in hf
-    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
-                 "generation_config.json", "fusion.json"):
-        assert (fused / name).is_file(), name
+    # Every tokenizer file of the base (Phi-3.5's real set) is carried over unchanged.
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                 "added_tokens.json", "chat_template.jinja", "generation_config.json"):
+        assert (fused / name).read_bytes() == (Path(fused_run.model.base) / name).read_bytes(), name
+    assert (fused / "fusion.json").is_file()
     prov = json.loads((fused / "fusion.json").read_text())
     assert prov["step"] == 6 and prov["gate"] == pytest.approx(0.8345, abs=1e-4)
     assert set(prov["outputs"]) == {"model.safetensors"}

@@ -39,10 +39,8 @@ def toolchain() -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from pipeline.tiny import build_tiny_phi3
-
-    return build_tiny_phi3(tmp_path_factory.mktemp("hf") / "tiny-phi3")
+def tiny_model(tiny_phi3_dir) -> Path:
+    return tiny_phi3_dir
 
 
 @pytest.fixture(scope="module")

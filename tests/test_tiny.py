@@ -1,4 +1,5 @@
-"""The tiny offline Phi-3: layout, determinism, tokenizer, and parity with llama.cpp's tokenizer."""
+"""The tiny offline Phi-3: layout, determinism, Phi-3.5's real tokenizer and chat template, and parity
+with llama.cpp's tokenizer (its own test strings, chat-rendered prompts, the general.name rule)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from makeutil import needs_llama_cpp
-from pipeline import tiny
+from pipeline import tiny, vocab
 from pipeline.tiny import build_tiny_phi3
 
 MESSAGES = [
@@ -31,6 +32,7 @@ RENDERED = (
     "<|assistant|>\n"
 )
 EXPECTED_FILES = {
+    "added_tokens.json",
     "chat_template.jinja",
     "config.json",
     "generation_config.json",
@@ -60,6 +62,26 @@ TEXTS = [
     "<s>bos in text</s> and <unk>",
     RENDERED,
 ]
+# Chat conversations rendered with the model's template for the parity tests: Japanese and English,
+# a system message, several turns, and both endings (a generation prompt, or a closing assistant turn).
+CONVERSATIONS = [
+    MESSAGES,
+    [
+        {"role": "system", "content": "You are a careful assistant. Answer in one sentence."},
+        {"role": "user", "content": "What is the golden ratio?"},
+        {"role": "assistant", "content": "About 1.618, the ratio (1 + sqrt 5) / 2."},
+        {"role": "user", "content": "And its square?"},
+        {"role": "assistant", "content": "  About 2.618: one more than itself.\n"},
+    ],
+    [
+        {"role": "system", "content": "丁寧語で、簡潔に答えてください。\n箇条書きは使わないこと。"},
+        {"role": "user", "content": "富士山の高さは？"},
+        {"role": "assistant", "content": "3776メートルです。"},
+        {"role": "user", "content": "龘や𠮷のような珍しい字も書けますか？ 😀"},
+        {"role": "assistant", "content": "はい、書けます：龘、𠮷。\n\n　全角スペースも。"},
+        {"role": "user", "content": "ありがとう。"},
+    ],
+]
 
 
 def _sha256s(folder: Path) -> dict[str, str]:
@@ -78,17 +100,18 @@ def test_folder_has_phi3_layout(tiny_phi3_dir, tokenizer):
     assert config["dtype"] == "float32"
     assert config["rope_parameters"]["rope_type"] == "default"
     assert config["max_position_embeddings"] == 4096
-    # Phi-3 pads its vocab to a multiple of 64 (32011 -> 32064); llama.cpp names the rest [PADn].
-    assert config["vocab_size"] % 64 == 0 and config["vocab_size"] >= len(tokenizer)
+    # Phi-3's real vocabulary: 32000 pieces and 11 added tokens, padded to 32064 rows (llama.cpp names
+    # the rest [PADn]).
+    assert config["vocab_size"] == 32064
     n_sp = tiny.SPM_VOCAB_SIZE
-    assert len(tokenizer) == n_sp + len(tiny.PHI3_ADDED_TOKENS)
+    assert n_sp == 32000 and len(tokenizer) == n_sp + len(tiny.PHI3_ADDED_TOKENS) == 32011
     assert (tokenizer.unk_token_id, tokenizer.bos_token_id) == (0, 1)
     assert tokenizer.eos_token == tokenizer.pad_token == "<|endoftext|>"
     assert config["bos_token_id"] == 1
     assert config["eos_token_id"] == config["pad_token_id"] == tokenizer.eos_token_id == n_sp
     generation = json.loads((tiny_phi3_dir / "generation_config.json").read_text())
     end, assistant, endoftext = tokenizer.convert_tokens_to_ids(["<|end|>", "<|assistant|>", "<|endoftext|>"])
-    assert generation["eos_token_id"] == [end, assistant, endoftext]
+    assert generation["eos_token_id"] == [end, assistant, endoftext] == [32007, 32001, 32000]  # as Borea's
 
 
 def test_model_loads_in_float32(tiny_phi3_dir):
@@ -146,7 +169,8 @@ def test_chat_template_renders_like_phi35(tokenizer, tiny_phi3_dir):
         [{"role": "system", "content": ""}, *MESSAGES[1:3]], tokenize=False, add_generation_prompt=False
     )
     assert closed == "<|user|>\n黄金比とは何ですか？<|end|>\n<|assistant|>\n約1.618の比です。<|end|>\n<|endoftext|>"
-    assert (tiny_phi3_dir / "chat_template.jinja").read_text() == tiny.PHI3_CHAT_TEMPLATE
+    # Phi-3.5-mini-instruct's template exactly as the pinned llama.cpp ships it.
+    assert (tiny_phi3_dir / "chat_template.jinja").read_text(encoding="utf-8") == vocab.chat_template("phi3")
 
 
 def test_special_tokens_are_single_ids_in_phi3_order(tokenizer):
@@ -214,6 +238,29 @@ def test_other_hidden_sizes(tmp_path, hidden_size):
     assert logits.softmax(-1).max().item() > 50 / model.config.vocab_size
 
 
+# --- the real vocabulary: llama.cpp's own test strings ---------------------------------------
+
+
+def test_tokenizer_matches_llama_cpps_test_strings(tiny_phi3_dir, tokenizer):
+    """The demo tokenizer (tokenizer.json through AutoTokenizer, and tokenizer.model, which the converter
+    reads) gives the ids llama.cpp's own tokenizer test expects on every one of its Phi-3 strings."""
+    import sentencepiece as spm
+
+    pairs = vocab.llama_cpp_test_pairs("phi3")
+    assert len(pairs) == 46  # ggml-vocab-phi-3.gguf.inp, read as tests/test-tokenizer-0.cpp reads it
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_phi3_dir / "tokenizer.model"))
+    for text, expected in pairs:
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == expected, repr(text)
+        assert sp.encode(text) == expected, repr(text)
+
+
+def _rendered(tokenizer, messages: list[dict]) -> str:
+    """A conversation as the template renders it: with a generation prompt after a user turn,
+    closed by the template's eos after an assistant turn."""
+    return tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=messages[-1]["role"] != "assistant")
+
+
 # --- parity with llama.cpp's tokenizer --------------------------------------------------------
 
 
@@ -223,18 +270,79 @@ def llama_cpp():
     return needs_llama_cpp(bindings=True)
 
 
-# The converter names the GGUF after the folder (general.name) unless told otherwise, and llama.cpp
-# gives Phi-3's special tokens their rstrip (as in tokenizer.json) only when that name contains
-# "phi3" or "phi-3". Without it, "<|user|>\nこんにちは" keeps its newline in llama.cpp but not in HF.
-@pytest.mark.parametrize("folder_name", ["tiny-phi3", "fused"])
-def test_llama_cpp_tokenizes_like_hf(llama_cpp, tiny_phi3_dir, tokenizer, tmp_path, folder_name):
+def _gguf_vocab(llama_cpp, model_dir: Path, out: Path):
     from pipeline import llamacpp
 
-    model_dir = tmp_path / folder_name
+    gguf = llamacpp.convert_hf_to_gguf(model_dir, out, "f32")
+    return llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def gguf_vocab(llama_cpp, tiny_phi3_dir, tmp_path_factory):
+    """The tiny model converted as fuse's output is (a folder named "fused": the converter's default
+    general.name would not say Phi-3, so pipeline.llamacpp names it "fused-phi3"), read by llama.cpp."""
+    model_dir = tmp_path_factory.mktemp("named") / "fused"
     shutil.copytree(tiny_phi3_dir, model_dir)
-    gguf = llamacpp.convert_hf_to_gguf(model_dir, tmp_path / "tiny.gguf", "f32")
-    vocab = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
-    for text in TEXTS:
+    return _gguf_vocab(llama_cpp, model_dir, model_dir.parent / "fused.gguf")
+
+
+def test_llama_cpp_reads_the_tiny_gguf_as_its_own_vocabulary(gguf_vocab):
+    """The converted tiny model carries Phi-3's vocabulary: llama.cpp gives its expected ids."""
+    assert gguf_vocab.metadata["general.name"] == "fused-phi3"
+    assert gguf_vocab.metadata["tokenizer.ggml.add_bos_token"] == "true"
+    assert gguf_vocab.n_vocab() == 32064
+    for text, expected in vocab.llama_cpp_test_pairs("phi3"):
+        assert gguf_vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False) == expected, repr(text)
+
+
+def test_llama_cpp_tokenizes_like_hf(gguf_vocab, tokenizer):
+    for text in TEXTS + [_rendered(tokenizer, c) for c in CONVERSATIONS]:
         hf_ids = tokenizer(text)["input_ids"]
-        cpp_ids = vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        cpp_ids = gguf_vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True)
         assert cpp_ids == hf_ids, f"{text!r}: llama.cpp {tokenizer.convert_ids_to_tokens(cpp_ids)}"
+
+
+@pytest.mark.parametrize("conversation", range(len(CONVERSATIONS)))
+def test_chat_template_ids_are_llama_cpps(gguf_vocab, tokenizer, conversation):
+    """HF's apply_chat_template ids and llama.cpp's tokenization of the same rendered prompt (as Ollama's
+    llama-server tokenizes it: BOS from the GGUF, special tokens parsed) are the same ids, BOS exactly
+    once. Phi-3.5's template writes no BOS and transformers 5 tokenizes a rendered chat without adding
+    one, so llama.cpp's BOS is the one difference; the pipeline (training, the gate) tokenizes the
+    rendered text with the tokenizer's BOS, which gives llama.cpp's ids exactly."""
+    messages = CONVERSATIONS[conversation]
+    text = _rendered(tokenizer, messages)
+    hf_ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                           add_generation_prompt=messages[-1]["role"] != "assistant")["input_ids"]
+    cpp_ids = gguf_vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+    bos = tokenizer.bos_token_id
+    assert cpp_ids[0] == bos and cpp_ids.count(bos) == 1
+    assert cpp_ids[1:] == list(hf_ids), f"llama.cpp {tokenizer.convert_ids_to_tokens(cpp_ids)}"
+    assert tokenizer(text)["input_ids"] == cpp_ids
+    turns = sum(1 for m in messages if m["role"] != "system" or m["content"])
+    assert cpp_ids.count(tokenizer.convert_tokens_to_ids("<|end|>")) == turns
+
+
+def test_without_a_phi3_name_llama_cpp_keeps_the_newline_after_each_turn_marker(
+        llama_cpp, tiny_phi3_dir, tokenizer, tmp_path, monkeypatch):
+    """The general.name rule (pipeline.llamacpp) re-checked on the real tokenizer: llama.cpp gives Phi-3's
+    special tokens their right-strip only when general.name says Phi-3. A GGUF named plainly "fused"
+    keeps the newline after every <|system|>, <|user|>, <|assistant|> and <|end|> as a byte-fallback
+    <0x0A> (with a dummy-prefix piece before it), so every chat prompt tokenizes differently from training."""
+    from pipeline import llamacpp
+
+    monkeypatch.setattr(llamacpp, "_gguf_model_name", lambda model_dir, model_name: "fused")
+    model_dir = tmp_path / "fused"
+    shutil.copytree(tiny_phi3_dir, model_dir)
+    plain = _gguf_vocab(llama_cpp, model_dir, tmp_path / "fused.gguf")
+    assert plain.metadata["general.name"] == "fused"
+    newline = tokenizer.convert_tokens_to_ids("<0x0A>")
+    for messages in CONVERSATIONS:
+        text = _rendered(tokenizer, messages)
+        hf_ids = tokenizer(text)["input_ids"]
+        cpp_ids = plain.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        assert cpp_ids != hf_ids
+        markers = text.count("|>\n")
+        assert cpp_ids.count(newline) - hf_ids.count(newline) == markers
+    # Plain text, without special tokens, is unaffected: the rule is about the chat markers.
+    for text, expected in vocab.llama_cpp_test_pairs("phi3"):
+        assert plain.tokenize(text.encode("utf-8"), add_bos=False, special=False) == expected
