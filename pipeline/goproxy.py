@@ -48,16 +48,16 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return mapped or ip
 
 
-def _split_host_port(value: str) -> tuple[str, str] | None:
-    """net.SplitHostPort: "h:p" or "[v6]:p"; None where Go returns an error."""
-    if value.startswith("["):
-        end = value.find("]")
-        if end < 0 or value[end + 1:end + 2] != ":":
+def split_host_port(hostport: str) -> tuple[str, str] | None:
+    """Go's net.SplitHostPort: "h:p" or "[v6]:p"; None where Go returns an error."""
+    if hostport.startswith("["):
+        end = hostport.find("]")
+        if end < 0 or hostport[end + 1:end + 2] != ":" or "[" in hostport[1:end]:
             return None
-        return value[1:end], value[end + 2:]
-    if value.count(":") != 1:
-        return None
-    host, port = value.split(":")
+        return hostport[1:end], hostport[end + 2:]
+    if hostport.count(":") != 1:
+        return None  # no port, or an IPv6 address without brackets
+    host, port = hostport.split(":")
     return host, port
 
 
@@ -78,7 +78,7 @@ def _no_proxy_matches(no_proxy: str, host: str, port: str) -> bool:
                 continue
         except ValueError:
             pass
-        split = _split_host_port(entry)
+        split = split_host_port(entry)
         entry_host, entry_port = split if split else (entry, "")
         if split and not entry_host:
             continue  # no host part: malformed, ignored

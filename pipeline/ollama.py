@@ -606,15 +606,14 @@ PROOF_SAYS = {
 }
 
 
-def connect(cfg: Config) -> OllamaClient:
-    """A client for OLLAMA_HOST whose server answers and is recent enough; OllamaError with how
-    to get Ollama when none answers."""
+def connect(cfg: Config) -> tuple[OllamaClient, str]:
+    """A client for OLLAMA_HOST whose server answers and is recent enough, and its version;
+    OllamaError with how to get Ollama when none answers."""
     try:
         client = OllamaClient()
-        client.version()
+        return client, client.version()
     except NoServerError as e:
         raise OllamaError(how_to_get_ollama(str(e), cfg)) from None
-    return client
 
 
 def register(cfg: Config) -> Path:
@@ -629,12 +628,12 @@ def register(cfg: Config) -> Path:
     validation is never uploaded.
     """
     gguf, digest = check_served_gguf(cfg)  # a broken file is named whether or not a server runs
-    client = connect(cfg)
+    client, version = connect(cfg)
     modelfile = cfg.modelfile_path
     for p in (modelfile, gguf):
         if not p.is_file():
             raise OllamaError(f"{p}: missing; run `make gguf` and `make modelfile` first")
-    client.say(f"[ollama] Ollama {client.version()} at {client.host}")
+    client.say(f"[ollama] Ollama {version} at {client.host}")
     cfg.ollama_stamp.unlink(missing_ok=True)  # the model is about to change: no stamp until it is proven again
     create_with_api(cfg, client, gguf, digest)
     prove_prompt(cfg, client, gguf)

@@ -1,4 +1,5 @@
-"""Ollama's own rules, as its source (v0.33) states them: nothing below, standard library only.
+"""Ollama's own rules, as its source (v0.33) states them: standard library only (and Go's
+net.SplitHostPort from pipeline.goproxy).
 
 The config check, the registration client and the plan all need the same rules, and they
 must be Ollama's, not ours, or a config passes here and fails on the server:
@@ -16,24 +17,13 @@ import ipaddress
 import math
 from urllib.parse import urlsplit
 
+from .goproxy import split_host_port
+
 OLLAMA_DEFAULT_PORT = "11434"
 # Registration creates with `files` (blob digests), which replaced the `modelfile` body in
 # v0.5.5 (ollama commit 86a622c), and proves the prompt with /api/chat's `_debug_render_only`,
 # which v0.11.5 introduced (ollama commit 8de1da4, api/types.go ChatRequest.DebugRenderOnly).
 MIN_OLLAMA_VERSION = (0, 11, 5)
-
-
-def _split_host_port(hostport: str) -> tuple[str, str] | None:
-    """Go's net.SplitHostPort: "h:p" or "[v6]:p"; None where Go returns an error."""
-    if hostport.startswith("["):
-        end = hostport.find("]")
-        if end < 0 or hostport[end + 1:end + 2] != ":" or "[" in hostport[1:end]:
-            return None
-        return hostport[1:end], hostport[end + 2:]
-    if hostport.count(":") != 1:
-        return None  # no port, or an IPv6 address without brackets
-    host, port = hostport.split(":")
-    return host, port
 
 
 def _join_host_port(host: str, port: str) -> str:
@@ -68,7 +58,7 @@ def parse_host(value: str) -> str:
     elif scheme == "https":
         default_port = "443"
     hostport, _, path = hostport.partition("/")
-    split = _split_host_port(hostport)
+    split = split_host_port(hostport)
     if split is None:
         host, port = "127.0.0.1", default_port
         try:

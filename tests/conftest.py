@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from pipeline import llamacpp
 from pipeline.tiny import build_tiny_phi3
 
 # The property tests (thinking filter, serve) draw the same examples on every run: a CI
@@ -16,28 +17,26 @@ settings.register_profile("repeatable", derandomize=True, database=None)
 settings.load_profile("repeatable")
 
 
-def needs_real_vocabulary() -> None:
-    """The tiny models take Phi-3.5's real tokenizer and template from the pinned llama.cpp's source
-    (pipeline/vocab.py): not built, a skip that says how to build it (a failure in CI, as every skip)."""
-    from pipeline import llamacpp
-
+def needs_llama_cpp_built() -> Path:
+    """The pinned llama.cpp's install dir; not built: a skip that says how to build it (a failure in CI,
+    as every skip). The tiny models take Phi-3.5's real tokenizer and template from its source."""
     path = llamacpp.install_dir()
     if not (path / ".complete").is_file():
-        pytest.skip(f"the pinned llama.cpp is not built at {path}: `make test` (or `make llama-cpp`) builds it; "
-                    "the tiny models' real Phi-3 vocabulary comes from its source")
+        pytest.skip(f"the pinned llama.cpp is not built at {path}: `make test` (or `make llama-cpp`) builds it")
+    return path
 
 
 @pytest.fixture(scope="session")
 def tiny_phi3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default tiny Phi-3 (hidden 256, 2 layers, untied head) on Phi-3.5's real tokenizer. Read-only."""
-    needs_real_vocabulary()
+    needs_llama_cpp_built()
     return build_tiny_phi3(tmp_path_factory.mktemp("tiny") / "tiny-phi3")
 
 
 @pytest.fixture(scope="session")
 def tiny_phi3_tied_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same tiny Phi-3 with tie_word_embeddings=True. Treat it as read-only."""
-    needs_real_vocabulary()
+    needs_llama_cpp_built()
     return build_tiny_phi3(tmp_path_factory.mktemp("tiny") / "tiny-phi3-tied", tie_word_embeddings=True)
 
 

@@ -8,9 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-from conftest import REPO
+from conftest import REPO, needs_llama_cpp_built
 from pipeline import llamacpp
 from pipeline.plan import write_plan
 
@@ -21,9 +20,7 @@ def needs_llama_cpp(bindings: bool = False):
     Not built at all: a skip that says how to build it (a failure in CI: conftest.SKIP_ALLOWED_IN_CI).
     Built but broken (a missing tool, bindings that do not import or load another library): the
     error itself, a failure everywhere. An install step that went wrong is never a skip."""
-    path = llamacpp.install_dir()
-    if not (path / ".complete").is_file():
-        pytest.skip(f"the pinned llama.cpp is not built at {path}: `make test` (or `make llama-cpp`) builds it")
+    path = needs_llama_cpp_built()
     llamacpp.require_install()
     return llamacpp.load_bindings() if bindings else path
 

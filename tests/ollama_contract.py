@@ -18,7 +18,9 @@ import re
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -555,3 +557,19 @@ class FakeOllama(http.server.BaseHTTPRequestHandler):
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat()
+
+
+@contextmanager
+def running(blob_dir: Path, quantize: str, llama_server: str | None = None):
+    """A fresh FakeOllama on a free loopback port, its blobs in blob_dir, rewriting with `quantize`
+    (llama-quantize) and answering chats with `llama_server` when given; yields its host:port."""
+    FakeOllama.reset()
+    FakeOllama.blob_dir, FakeOllama.quantize, FakeOllama.llama_server = blob_dir, quantize, llama_server
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeOllama)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        FakeOllama.reset()
+        FakeOllama.llama_server = None

@@ -22,20 +22,18 @@ learning), and the same checks must fail for it.
 """
 from __future__ import annotations
 
-import http.server
 import json
 import math
 import os
 import shutil
 import socket
 import subprocess
-import threading
 from collections import Counter
 
 import pytest
 
 from makeutil import copy_source_tree, needs_llama_cpp
-from ollama_contract import FakeOllama
+from ollama_contract import FakeOllama, running
 from pipeline import llamacpp
 from pipeline.config import load_config
 from pipeline.evaluate import heldout_chunks, negative_log_likelihood
@@ -182,15 +180,8 @@ def test_the_same_checks_fail_a_run_whose_lora_learning_rate_is_0(demo, tmp_path
 def ollama_with_llama_server(tmp_path):
     """The contract server answering chats with the pinned llama-server on the model's GGUF (as
     Ollama does since v0.30), through Ollama's options, stops and token-repeat abort."""
-    FakeOllama.reset()
-    FakeOllama.quantize, FakeOllama.llama_server = str(llamacpp.tool("llama-quantize")), str(llamacpp.tool("llama-server"))
-    FakeOllama.blob_dir = tmp_path
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeOllama)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield FakeOllama, f"127.0.0.1:{server.server_port}"
-    server.shutdown()
-    FakeOllama.reset()
-    FakeOllama.llama_server = None
+    with running(tmp_path, str(llamacpp.tool("llama-quantize")), str(llamacpp.tool("llama-server"))) as host:
+        yield FakeOllama, host
 
 
 def test_make_demo_registers_where_ollama_runs(demo, ollama_with_llama_server, monkeypatch):

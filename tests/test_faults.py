@@ -195,20 +195,12 @@ def test_kill_minus_9_then_make_again(reference, tiny_phi3_dir, tmp_path, stage,
 @pytest.fixture(scope="module")
 def ollama_server(tmp_path_factory):
     """The contract server of test_ollama (our REST client's view of Ollama), for register."""
-    import http.server
-    import threading
-
-    from ollama_contract import FakeOllama
+    from ollama_contract import running
     from pipeline import llamacpp
 
-    FakeOllama.reset()
-    FakeOllama.quantize, FakeOllama.blob_dir = str(llamacpp.tool("llama-quantize")), tmp_path_factory.mktemp("blobs")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeOllama)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "ollama").exists())
-    yield {**os.environ, "MAKEFLAGS": "", "OLLAMA_HOST": f"127.0.0.1:{server.server_port}", "PATH": path}
-    server.shutdown()
-    FakeOllama.reset()
+    with running(tmp_path_factory.mktemp("blobs"), str(llamacpp.tool("llama-quantize"))) as host:
+        yield {**os.environ, "MAKEFLAGS": "", "OLLAMA_HOST": host, "PATH": path}
 
 
 def copy_run(ref_run: Path, run: Path) -> None:

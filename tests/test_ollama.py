@@ -3,20 +3,18 @@ Ollama's source says (these tests check what we hand to Ollama, not Ollama itsel
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import os
 import stat
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, small_config, write_config
 from makeutil import needs_llama_cpp
-from ollama_contract import FakeOllama
+from ollama_contract import FakeOllama, running
 from pipeline.config import load_config
 from pipeline.errors import OllamaError
 from pipeline.ollama import PROOF_PROMPT, family_spec, register, render_modelfile, write_modelfile
@@ -71,14 +69,9 @@ def fake_ollama(monkeypatch, tmp_path):
     from pipeline import llamacpp
 
     needs_llama_cpp()
-    FakeOllama.reset()
-    FakeOllama.quantize, FakeOllama.blob_dir = str(llamacpp.tool("llama-quantize")), tmp_path
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeOllama)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{server.server_port}")
-    yield FakeOllama
-    server.shutdown()
-    FakeOllama.reset()
+    with running(tmp_path, str(llamacpp.tool("llama-quantize"))) as host:
+        monkeypatch.setenv("OLLAMA_HOST", host)
+        yield FakeOllama
 
 
 @pytest.fixture
