@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
+from .chattext import encode_rendered
 from .hf import load_trained
 
 
 def reply(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 128, temperature: float = 0.0) -> str:
     """One assistant turn for `messages`, stopping at the model's end-of-turn tokens."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(text, return_tensors="pt").input_ids.to(model.device)
+    ids = encode_rendered(tokenizer, text, return_tensors="pt").input_ids.to(model.device)
     gen = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, pad_token_id=tokenizer.pad_token_id)
     if temperature > 0:
         gen["temperature"] = temperature

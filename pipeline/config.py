@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .constants import CHECKPOINT_MARKER, FUSION_MARKER, GGML_WEIGHT_TYPES, PREPARED_MARKER, QUANT_TYPES, SOUL_BLOCK
 from .errors import BadInputError
+from .families import Family, UnsupportedBaseError, family_of, gguf_name
 from .modeldir import SAFETENSORS_INDEX, context_lengths, folder_problems, is_lfs_pointer, lfs_pointer_problem, tensor_names
 from .ollama_rules import name_problem, option_problem
 
@@ -113,9 +114,9 @@ class LoraSection(_Section):
     r: int = Field(default=16, ge=1)
     alpha: float = Field(default=32.0, gt=0)
     dropout: float = Field(default=0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], min_length=1
-    )
+    # None: the base family's (pipeline/families.py): Phi-3's fused qkv_proj/gate_up_proj, else
+    # the split q/k/v/o and gate/up/down projections.
+    target_modules: list[str] | None = Field(default=None, min_length=1)
 
 
 class TrainSection(_Section):
@@ -196,7 +197,8 @@ DEFAULT_NUM_CTX = 4096
 
 class OllamaSection(_Section):
     model: str = "agiasi-borea"  # checked with Ollama's own name rules (ollama_rules.name_problem)
-    family: str = Field(default="phi3", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # a name in modelfiles/, not a path
+    # A name in modelfiles/, not a path. None: the base family's (from its config.json).
+    family: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
     template: str | None = None  # a TEMPLATE of your own instead of the family's (needs `stop`)
     stop: list[str] | None = None
     system: str = ""
@@ -275,14 +277,14 @@ class Config(_Section):
 
     @property
     def gguf_model_name(self) -> str:
-        """general.name of the run's GGUFs: the run's name, marked as Phi-3.
+        """general.name of the run's GGUFs: the run's name, made to match the family's rule.
 
         llama.cpp gives Phi-3's special tokens their right-strip (as tokenizer.json
         has it) only when general.name says phi3; without it chat turns tokenize
-        differently in llama.cpp and Ollama than in training.
+        differently in llama.cpp and Ollama than in training (families.Family.general_name).
         """
-        name = self.run.name
-        return name if "phi3" in name.lower() or "phi-3" in name.lower() else f"{name}-phi3"
+        family = base_family(self)
+        return self.run.name if family is None else gguf_name(family, self.run.name, None)
 
     def gguf_path(self, kind: str) -> Path:
         """kind: the converter's outtype (f16) or a quantization type (Q4_K_M)."""
@@ -596,6 +598,34 @@ def model_files(cfg: Config, names: tuple[str, ...]) -> list[Path]:
     return [Path(c) for c in cached if isinstance(c, str)]
 
 
+def base_family(cfg: Config) -> Family | None:
+    """The run's model family, from the config.json at hand (model_files: the fused model's, the
+    local base's, or a hub base's in the cache), or None when none is at hand or it is not a
+    supported family (check_base_architecture reports that)."""
+    files = model_files(cfg, ("config.json",))
+    try:
+        return family_of(json.loads(files[0].read_text(encoding="utf-8"))) if files else None
+    except (OSError, ValueError):
+        return None
+
+
+def lora_targets(cfg: Config) -> list[str] | None:
+    """train.lora.target_modules, else the base family's; None when neither is known yet."""
+    if cfg.train.lora.target_modules is not None:
+        return list(cfg.train.lora.target_modules)
+    family = base_family(cfg)
+    return list(family.lora_targets) if family else None
+
+
+def modelfile_family(cfg: Config) -> str | None:
+    """The modelfiles/<name>.Modelfile of the run's chat format: ollama.family, else the base
+    family's; None when neither is known yet (a hub base not in the cache)."""
+    if cfg.ollama.family is not None:
+        return cfg.ollama.family
+    family = base_family(cfg)
+    return family.modelfile if family else None
+
+
 def original_context(cfg: Config) -> tuple[int, int, Path] | None:
     """(original context, max positions, config.json read) of the served model, or None when
     no config.json is at hand yet (modeldir.context_lengths)."""
@@ -641,7 +671,7 @@ def _check_lora_targets(cfg: Config) -> list[str]:
     leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
     return [f"train.lora.target_modules: {t!r} is no module of the base ({files[0].name}); "
             f"its modules: {', '.join(leaves)}"
-            for t in cfg.train.lora.target_modules
+            for t in lora_targets(cfg) or ()
             if not any(m == t or m.endswith("." + t) for m in modules)]
 
 
@@ -662,9 +692,10 @@ def _check_paths(cfg: Config) -> list[str]:
         if resolved == run_dir or run_dir in resolved.parents:
             problems.append(f"{key}: {path} lies inside the run folder {run_dir}, "
                             "whose contents the pipeline replaces and deletes")
-    if cfg.ollama.template is None and not (PROJECT_DIR / "modelfiles" / f"{cfg.ollama.family}.Modelfile").is_file():
+    family = modelfile_family(cfg)
+    if cfg.ollama.template is None and family and not (PROJECT_DIR / "modelfiles" / f"{family}.Modelfile").is_file():
         known = sorted(p.stem for p in (PROJECT_DIR / "modelfiles").glob("*.Modelfile"))
-        problems.append(f"ollama.family: no template modelfiles/{cfg.ollama.family}.Modelfile "
+        problems.append(f"ollama.family: no template modelfiles/{family}.Modelfile "
                         f"(known: {', '.join(known)})")
     return problems
 
@@ -770,14 +801,13 @@ def _check_local_base(base: Path) -> list[str]:
 
 
 def check_base_architecture(hf: dict[str, Any], where: str) -> list[str]:
-    """Problems that make a base model unusable for this pipeline."""
+    """Problems that make a base model unusable for this pipeline: a family it does not support
+    or refuses (pipeline/families.py), a hidden size the soul cannot rotate."""
     problems = []
-    arch = hf.get("architectures") or []
-    if "Phi3ForCausalLM" not in arch:
-        problems.append(
-            f"model.base: {where} describes {arch or hf.get('model_type')}, "
-            "but this pipeline supports Phi-3 models (Phi3ForCausalLM)"
-        )
+    try:
+        family_of(hf, where)
+    except UnsupportedBaseError as err:
+        problems.append(f"model.base: {err}")
     hidden = hf.get("hidden_size")
     if not isinstance(hidden, int) or hidden % SOUL_BLOCK:
         problems.append(

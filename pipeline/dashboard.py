@@ -42,7 +42,7 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import FileResponse
 
 from . import audit
-from .config import Config
+from .config import Config, base_family
 from .monitor import MetricsFollower, phase_spans
 from .plan import make_variables
 
@@ -103,8 +103,12 @@ def dashboard_router(cfg: Config, audit_path: Path) -> APIRouter:
         with follower_lock:
             follower.poll()
             rows = list(follower.rows)
+        family = base_family(cfg)
         return {
             "run": cfg.run.name,
+            # The header names the run's base and its family (None while the base is not at hand).
+            "base": cfg.model.base,
+            "family": family.display if family else None,
             "total_steps": cfg.train.steps,
             "phases": [{"phase": p, "start": s, "end": e} for p, s, e in phase_spans(cfg)],
             "last_step": rows[-1]["step"] if rows else 0,

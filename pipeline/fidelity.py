@@ -38,6 +38,7 @@ import torch
 from . import llamacpp
 from .adapter import LoraAdapter, merged_weight, nf4_round_trip, read_adapter, whole
 from .artifacts import atomic_file, atomic_write_text
+from .chattext import encode_rendered, without_bos
 from .checkpoint import read_marker
 from .config import Config
 from .constants import LONG_CONTEXT_PROBE
@@ -95,7 +96,7 @@ def prompt_texts(tokenizer) -> list[str]:
 
 
 def prompt_ids(tokenizer) -> list[list[int]]:
-    return [list(tokenizer(t).input_ids) for t in prompt_texts(tokenizer)]
+    return [list(encode_rendered(tokenizer, t).input_ids) for t in prompt_texts(tokenizer)]
 
 
 def hf_logits(model, ids: list[list[int]]) -> list[np.ndarray]:
@@ -135,10 +136,13 @@ def gguf_logits(path: Path, ids: list[list[int]], n_ctx: int = 0) -> list[np.nda
 
 
 def tokenization_mismatches(path: Path, tokenizer) -> list[str]:
-    """Prompts that llama.cpp tokenizes differently from the HF tokenizer."""
+    """Prompts that llama.cpp tokenizes differently from the HF tokenizer, each side as it is served:
+    llama.cpp gets the text without a leading BOS text and adds the GGUF's BOS (what Ollama sends
+    it), HF counts the BOS once (chattext.encode_rendered)."""
     vocab = gguf_model(path, n_ctx=64, vocab_only=True)
     texts = prompt_texts(tokenizer) + ["こんにちは、世界！ 1.618 ✨", "  leading spaces\tand tabs\n"]
-    return [t for t in texts if vocab.tokenize(t.encode(), add_bos=True, special=True) != tokenizer(t).input_ids]
+    return [t for t in texts if vocab.tokenize(without_bos(tokenizer, t).encode(), add_bos=True, special=True)
+            != encode_rendered(tokenizer, t).input_ids]
 
 
 # -- the gate ---------------------------------------------------------------

@@ -5,8 +5,8 @@ For every base weight W (read one tensor at a time, in float32):
   - the LM head becomes W + sigmoid(alpha) * W R, R the soul's rotation;
 then it is cast to `fuse.dtype` and streamed to the output shard. With tied
 embeddings the head is written as its own tensor and the config untied, so
-the input embeddings stay as they were. The result is a standard Phi-3
-Hugging Face folder (no remote code) with the tokenizer files, and
+the input embeddings stay as they were. The result is a standard Hugging Face
+folder of the base's own architecture (no remote code) with the tokenizer files, and
 `fusion.json` (provenance) written last as the completion marker.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from .artifacts import atomic_dir, atomic_write_text, sha256_file
 from .checkpoint import read_marker
 from .config import CHECKPOINT_MARKER, FUSION_MARKER, SOUL_BLOCK, Config
 from .errors import CheckpointMismatchError, FuseError
+from .families import family_of
 from .fidelity import FUSED_LOGITS, compare, fused_logits, gate_fused, merge_candidate, save_logits, score_merge
 from .hf import DTYPES, read_model_config, resolve_base
 from .integrity import folder_records, verify_folder
@@ -92,13 +93,14 @@ def check_soul_fits(soul: SoulState, hf: dict) -> None:
 
 
 def fused_config(hf: dict, dtype_name: str) -> dict:
-    """The base's config.json for the fused model: untied, no remote code."""
+    """The base's config.json for the fused model: untied, no remote code, the family's own
+    architecture (transformers' class, which the converter also picks its class by)."""
     out = {k: v for k, v in hf.items() if k != "auto_map"}
     out["tie_word_embeddings"] = False
     out["dtype"] = dtype_name
     if "torch_dtype" in out:
         out["torch_dtype"] = dtype_name
-    out["architectures"] = ["Phi3ForCausalLM"]
+    out["architectures"] = [family_of(hf).architectures[0]]
     return out
 
 

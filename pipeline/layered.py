@@ -1,4 +1,4 @@
-"""Logits of a Phi-3 model computed one decoder layer at a time, from its safetensors.
+"""Logits of a causal LM computed one decoder layer at a time, from its safetensors.
 
 The fidelity gate compares models as large as the machine: Phi-3.5-mini is
 15 GB in float32, and loading it whole (three times: two merge candidates and
@@ -7,18 +7,26 @@ the fused result) is what made fuse need 22 GB. Here a model is never whole:
   1. the skeleton is built without weights (accelerate's init_empty_weights;
      buffers such as the rotary frequencies are real), from the folder's
      config.json, exactly as from_pretrained would configure it;
-  2. transformers' own Phi3Model.forward runs once per prompt up to the first
-     decoder layer, which records the inputs every layer gets (causal or
-     sliding-window mask, position ids, LongRoPE cos/sin) and stops;
+  2. transformers' own decoder forward (Phi3Model, LlamaModel, Qwen2Model,
+     Qwen3Model, Gemma3TextModel) runs once per prompt with every decoder
+     layer replaced by a recorder, which keeps the inputs that layer gets
+     (causal or sliding-window mask, position ids, cos/sin: LongRoPE, Llama-3's
+     scaled frequencies, Gemma-3's local and global ones) and passes the
+     hidden state on unchanged;
   3. each layer's weights are then read (one tensor at a time), turned into
      the float32 weights of every variant being evaluated, and every prompt's
      hidden state of that variant goes through transformers' own decoder
      layer, before the next layer is read; so each layer is read once;
-  4. the final norm, the soul (when the variant has one) and the head.
+  4. the final norm, the soul (when the variant has one), the head, and the
+     family's final logit softcapping where its config sets one.
+
+The embeddings go through the model's own embedding module, so a family that
+scales them (Gemma's sqrt(hidden_size)) is computed as from_pretrained's model
+computes it.
 
 Same modules, same operations on the same float32 tensors: the logits equal
 the whole-model forward's bit for bit on CPU (tests/test_layered.py checks
-untied, tied and LongRoPE models). Memory: one layer per variant in float32
+untied, tied and LongRoPE Phi-3 and each family's test model). Memory: one layer per variant in float32
 and the head, about 0.5 + 0.4 GB at Phi-3.5-mini's size, against 15 GB.
 
 A Variant says what weights a layer gets: the stored ones (a fused folder),
@@ -82,15 +90,19 @@ class _Captured(Exception):
 
 
 class _CaptureInputs(nn.Module):
-    """Stands in for decoder layer 0: records what Phi3Model.forward passes it, then stops."""
+    """Stands in for one decoder layer: records what the model's forward passes it and returns
+    the hidden state unchanged; the last one stops the forward (the final norm has no weights)."""
 
-    def __init__(self):
+    def __init__(self, last: bool):
         super().__init__()
+        self.last = last
         self.kwargs: dict = {}
 
     def forward(self, hidden_states, **kwargs):
         self.kwargs = kwargs
-        raise _Captured
+        if self.last:
+            raise _Captured
+        return hidden_states
 
 
 class ModelFiles:
@@ -152,25 +164,27 @@ def skeleton(folder: Path):
     return model.eval()
 
 
-def layer_inputs(model, embeds: torch.Tensor) -> dict:
-    """What every decoder layer gets for this prompt, from transformers' own forward."""
+def layer_inputs(model, embeds: torch.Tensor) -> list[dict]:
+    """What each decoder layer gets for this prompt (its mask and position embeddings, which
+    differ between sliding-window and full-attention layers), from transformers' own forward."""
     inner = model.model
     layers = inner.layers
-    capture = _CaptureInputs()
-    inner.layers = nn.ModuleList([capture] + list(layers[1:]))
+    n = len(layers)
+    captures = [_CaptureInputs(last=i == n - 1) for i in range(n)]
+    inner.layers = nn.ModuleList(captures)
     try:
         inner(inputs_embeds=embeds, use_cache=False)
     except _Captured:
         pass
     finally:
         inner.layers = layers
-    return capture.kwargs
+    return [c.kwargs for c in captures]
 
 
 def layered_logits(folder: Path, ids: list[list[int]], variants: dict[str, Variant]) -> dict[str, list[np.ndarray]]:
     """Per-prompt logits [positions, vocab] (float64) of each variant over the model in `folder`.
 
-    Inputs: a Phi-3 HF folder (config.json + safetensors, sharded or not); token ids per
+    Inputs: an HF folder of a supported family (config.json + safetensors, sharded or not); token ids per
     prompt; the variants by name. Output: {variant name: [logits per prompt]}.
     Errors: KeyError naming a tensor the folder lacks; ValueError for a damaged shard.
     """
@@ -179,21 +193,24 @@ def layered_logits(folder: Path, ids: list[list[int]], variants: dict[str, Varia
         model = skeleton(files.folder)
         with torch.no_grad():
             streams = embed_prompts(files, model, ids, variants)
-            inputs = [layer_inputs(model, h) for h in next(iter(streams.values())).hidden]
+            per_prompt = [layer_inputs(model, h) for h in next(iter(streams.values())).hidden]
             for i, layer in enumerate(model.model.layers):
-                run_layer(files, layer, f"model.layers.{i}.", streams, inputs)
+                run_layer(files, layer, f"model.layers.{i}.", streams, [p[i] for p in per_prompt])
             return {name: head_logits(files, model, s) for name, s in streams.items()}
     finally:
         files.close()
 
 
 def embed_prompts(files: ModelFiles, model, ids: list[list[int]], variants: dict[str, Variant]) -> dict[str, _Stream]:
+    """Each variant's embeddings of each prompt, through the model's own embedding module."""
     stored = files.get(EMBED)
+    embed = model.model.embed_tokens
     streams = {}
     for name, v in variants.items():
-        table = v.weight(EMBED, stored)
-        streams[name] = _Stream(v, [nn.functional.embedding(torch.tensor([seq]), table) for seq in ids])
-        del table
+        embed.load_state_dict({"weight": v.weight(EMBED, stored)}, assign=True)
+        streams[name] = _Stream(v, [embed(torch.tensor([seq])) for seq in ids])
+        # Frees this variant's table; the module's buffers (Gemma's embed_scale) stay real.
+        embed.weight = nn.Parameter(embed.weight.to("meta"), requires_grad=False)
     return streams
 
 
@@ -237,11 +254,15 @@ def head_logits(files: ModelFiles, model, stream: _Stream) -> list[np.ndarray]:
     norm.load_state_dict({"weight": v.weight(NORM, files.get(NORM))}, assign=True)
     head = v.weight(HEAD, files.get(files.head_name()))
     out = []
+    cap = getattr(model.config, "final_logit_softcapping", None)
     for h in stream.hidden:
         h = norm(h)
         if v.soul is not None:
             h = v.soul(h)
-        out.append(nn.functional.linear(h, head)[0].double().numpy())
+        logits = nn.functional.linear(h, head)
+        if cap is not None:  # as Gemma's forward does after its head
+            logits = torch.tanh(logits / cap) * cap
+        out.append(logits[0].double().numpy())
     norm.to("meta")
     return out
 

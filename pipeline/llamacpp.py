@@ -9,7 +9,7 @@ under a temporary `.tmp-` name next to its target, checked with validate_gguf
 and only then renamed into place, so a crash never leaves a file Make takes
 as done.
 
-Only the standard library (and pipeline.errors) is imported here; the
+Only the standard library (and pipeline.errors, pipeline.families) is imported here; the
 converter runs in its own process, and validate_gguf imports the `gguf`
 package only for its table of tensor block sizes.
 
@@ -34,17 +34,13 @@ from pathlib import Path
 from .artifacts import atomic_file
 from .constants import CONVERTER_OUTTYPES, QUANT_TYPES
 from .errors import ToolchainError
+from .families import UnsupportedBaseError, family_of, gguf_name
 from .formats import GGUFError, GGUFInfo, validate_gguf  # noqa: F401 (GGUFInfo: part of this module's API)
 from .integrity import write_sidecar
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PIN_FILE = REPO_ROOT / "scripts" / "llama-cpp.pin"
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-llama-cpp.sh"
-
-# Architectures whose GGUF must be named Phi-3 (see convert_hf_to_gguf), and what llama.cpp
-# looks for in the lowercased general.name (src/llama-vocab.cpp).
-_PHI3_ARCHITECTURES = frozenset({"Phi3ForCausalLM", "PhiMoEForCausalLM"})
-_PHI3_NAME = re.compile(r"phi-?3", re.IGNORECASE)
 
 # GGML_CUDA values that select the CUDA build; scripts/build-llama-cpp.sh has the same list.
 _CUDA_ON = frozenset({"ON", "on", "On", "1", "TRUE", "true", "YES", "yes"})
@@ -225,18 +221,14 @@ def _gguf_output(out_path: Path, what: str, check: Callable[[Path], None] | None
 
 
 def _gguf_model_name(model_dir: Path, model_name: str | None) -> str:
-    """general.name for the GGUF: model_name, else the folder's name; made to mention Phi-3 for Phi-3."""
+    """general.name for the GGUF: model_name, else the folder's name, as the family's rule wants it
+    (families.gguf_name: a Phi-3 GGUF's name must say phi3)."""
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    if not _PHI3_ARCHITECTURES & set(config.get("architectures") or ()):
+    try:
+        family = family_of(config)
+    except UnsupportedBaseError:
         return model_name or model_dir.name
-    if model_name is None:
-        return model_dir.name if _PHI3_NAME.search(model_dir.name) else f"{model_dir.name}-phi3"
-    if not _PHI3_NAME.search(model_name):
-        raise ValueError(
-            f"model_name {model_name!r} must contain 'phi3' or 'phi-3': llama.cpp applies Phi-3's "
-            "special-token rules only to GGUFs so named"
-        )
-    return model_name
+    return gguf_name(family, model_dir.name, model_name)
 
 
 def convert_hf_to_gguf(model_dir: Path, out_path: Path, outtype: str, *, model_name: str | None = None,

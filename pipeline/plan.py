@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .artifacts import write_if_changed
-from .config import STAGE_INPUTS, Config, make_path, stage_inputs_json
+from .config import STAGE_INPUTS, Config, make_path, modelfile_family, stage_inputs_json
 from .integrity import sweep
 from .ollama import MODELFILES, primary_quantization, stamp_follows_server
 
@@ -31,6 +31,14 @@ def base_dependencies(cfg: Config) -> list[Path]:
         return []  # a hub base is pinned by model.revision, which is in the train stamp
     base = cfg.resolve(cfg.model.base).resolve()
     return sorted({p for pat in BASE_FILE_PATTERNS for p in base.glob(pat) if p.is_file()})
+
+
+def family_template_dependency(cfg: Config) -> str:
+    """The Modelfile's family template as make names it: the run's family's, or every family's
+    while the family is not known yet (a hub base not downloaded), so that none is missed."""
+    family = modelfile_family(cfg)
+    names = [MODELFILES / f"{family}.Modelfile"] if family else sorted(MODELFILES.glob("*.Modelfile"))
+    return " ".join(make_path(p) for p in names)
 
 
 def make_variables(cfg: Config) -> dict[str, str]:
@@ -55,7 +63,7 @@ def make_variables(cfg: Config) -> dict[str, str]:
         "CALIBRATION": make_path(cfg.imatrix_calibration) if cfg.imatrix_calibration else "",
         "SERVED_GGUF": make_path(cfg.gguf_path(primary_quantization(cfg))),
         "MODELFILE": make_path(cfg.modelfile_path),
-        "FAMILY_TEMPLATE": make_path(MODELFILES / f"{cfg.ollama.family}.Modelfile"),
+        "FAMILY_TEMPLATE": family_template_dependency(cfg),
         "OLLAMA_STAMP": make_path(cfg.ollama_stamp),
         "OLLAMA_MODEL": cfg.ollama.model,
         "METRICS": make_path(cfg.metrics_path),

@@ -35,6 +35,7 @@ from .config import CHECKPOINT_MARKER, Config
 from .data.prepare import read_prepared
 from .data.tokenize import IGNORE, Example, collate, example_order, load_examples, pack
 from .errors import DataError
+from .families import family_of
 from .hf import DTYPES, load_causal_lm, load_tokenizer, pick_device, resolve_base
 from .integrity import folder_problem, folder_records
 from .resources import require
@@ -437,7 +438,8 @@ def test_kill_point(point: str) -> None:
 
 
 def wrap_with_lora_and_soul(model, cfg: Config, *, alpha: float):
-    """PEFT LoRA on the configured modules, then the soul in front of the head.
+    """PEFT LoRA on the configured modules (train.lora.target_modules, else the base family's),
+    then the soul in front of the head.
 
     LoRA weights and the soul's generator are the only trainable parameters;
     the base and the LM head stay frozen.
@@ -445,9 +447,10 @@ def wrap_with_lora_and_soul(model, cfg: Config, *, alpha: float):
     from peft import LoraConfig, get_peft_model
 
     lora = cfg.train.lora
+    targets = lora.target_modules or family_of(model.config.to_dict()).lora_targets
     peft_cfg = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
+        target_modules=list(targets), bias="none", task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, peft_cfg)
     inner = peft_model.base_model.model

@@ -286,10 +286,10 @@ CASES = [
     Case("base-inside-run-folder", inside_run("model.base"), ("model.base:", "lies inside the run folder")),
     Case("data-inside-run-folder", inside_run("data.train"), ("data.train:", "lies inside the run folder")),
     # -- the base model -------------------------------------------------------------
-    Case("base-llama-architecture", lambda e: ["check-config", "--config", str(e.config(base=e.bases["llama"]))],
-         ("LlamaForCausalLM", "supports Phi-3 models")),
+    Case("base-gemma2-architecture", lambda e: ["check-config", "--config", str(e.config(base=e.bases["gemma2"]))],
+         ("Gemma2ForCausalLM", "drops lm_head.weight", "would vanish")),
     Case("base-gpt2-architecture", lambda e: ["train", "--config", str(e.config(base=e.bases["gpt2"]))],
-         ("GPT2LMHeadModel", "supports Phi-3 models")),
+         ("GPT2LMHeadModel", "supported architectures: Phi3ForCausalLM, LlamaForCausalLM")),
     Case("base-hidden-36", lambda e: ["train", "--config", str(e.config(base=e.bases["hidden36"]))],
          ("hidden_size 36", "not divisible by 8")),
     Case("base-without-config-json", base_variant(lambda b: (b / "config.json").unlink()), ("no config.json",)),
@@ -362,17 +362,18 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def bases(tiny_phi3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Read-only base models: the tiny Phi-3, a tiny Llama and GPT-2 (real transformers folders with
-    the Phi-3 tokenizer), and a real tiny Phi-3 of hidden size 36."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    """Read-only base models: the tiny Phi-3, a tiny Gemma-2 (refused) and GPT-2 (unsupported), real
+    transformers folders with the Phi-3 tokenizer, and a real tiny Phi-3 of hidden size 36."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel
 
     from pipeline.tiny import build_tiny_phi3
 
     root = tmp_path_factory.mktemp("bases")
     out = {"phi3": tiny_phi3_dir, "hidden36": build_tiny_phi3(root / "hidden36", hidden_size=36, num_heads=2)}
     others = {
-        "llama": LlamaForCausalLM(LlamaConfig(vocab_size=32064, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                              num_attention_heads=2, num_key_value_heads=2)),
+        "gemma2": Gemma2ForCausalLM(Gemma2Config(vocab_size=32064, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                                 head_dim=16)),
         "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=32064, n_embd=32, n_layer=1, n_head=2)),
     }
     for name, model in others.items():

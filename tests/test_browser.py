@@ -121,6 +121,9 @@ def test_dashboard_in_chromium(server):
             page.wait_for_selector(f'#chart-loss[data-rows="{FIRST_ROWS}"]', timeout=20_000)
             page.wait_for_selector('li[data-stage="plots"][data-state="current"]', timeout=30_000)
             assert page.locator('li[data-stage="train"]').get_attribute("data-state") == "missing"
+            # The header names the run's own base (its family only once its config.json is at hand;
+            # this run's hub base is never fetched: tests/test_dashboard.py covers a local one).
+            assert page.locator("#model-line").inner_text() == cfg.model.base
 
             # A chat round trip: the streamed answer is the final text, no thinking anywhere.
             page.fill("#prompt", "富士山について教えて")

@@ -129,13 +129,13 @@ def test_hidden_size_not_divisible_by_8(tmp_path, tiny_phi3_dir):
 def test_base_of_another_architecture(tmp_path, tiny_phi3_dir):
     import shutil
 
-    base = tmp_path / "llama"
+    base = tmp_path / "mistral"
     shutil.copytree(tiny_phi3_dir, base)
     hf = json.loads((base / "config.json").read_text())
-    hf["architectures"], hf["model_type"] = ["LlamaForCausalLM"], "llama"
+    hf["architectures"], hf["model_type"] = ["MistralForCausalLM"], "mistral"
     (base / "config.json").write_text(json.dumps(hf))
     problems = problems_of(tmp_path, small_config(base, tmp_path / "b"))
-    assert any("supports Phi-3 models" in p for p in problems)
+    assert any("MistralForCausalLM" in p and "supported architectures: Phi3ForCausalLM" in p for p in problems)
 
 
 def test_duplicate_key_and_bad_yaml_name_the_line(tmp_path):

@@ -245,3 +245,9 @@ def test_page_and_assets(run):
     for ref in ("/ui/uPlot.iife.min.js", "/ui/uPlot.min.css", "/ui/app.js", "/ui/style.css"):
         assert ref in page.text
     assert "http://" not in page.text and "https://" not in page.text
+
+
+def test_the_header_names_the_runs_base_and_its_family(run):
+    cfg, _, _, client = run
+    body = client.get("/api/metrics").json()
+    assert body["base"] == cfg.model.base and body["family"] == "Phi-3 / Phi-3.5"

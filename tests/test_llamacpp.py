@@ -208,7 +208,7 @@ def test_convert_rejects_an_outtype_the_converter_lacks(tmp_path):
 
 def test_phi3_model_name_must_say_phi3(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["Phi3ForCausalLM"]}')
-    with pytest.raises(ValueError, match="must contain 'phi3'"):
+    with pytest.raises(ValueError, match="must match 'phi-\\?3'"):
         llamacpp.convert_hf_to_gguf(tmp_path, tmp_path / "x.gguf", "f16", model_name="soul-fusion")
 
 

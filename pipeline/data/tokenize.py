@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..chattext import encode_rendered
 from ..errors import DataError
 
 IGNORE = -100  # label value that cross-entropy skips
@@ -41,25 +42,32 @@ class Example:
 
 
 def _assistant_spans(tokenizer, messages: list[dict], text: str, where: str) -> list[tuple[int, int]]:
-    """Character spans of each assistant reply in the rendered `text`."""
+    """Character spans of what the model must write for each assistant reply in the rendered `text`:
+    everything after the generation prompt up to the end of the reply's content. That is the
+    content itself, after any text the template puts first (Qwen3's empty `<think>\n\n</think>\n\n`
+    before the last reply: the model writes it at serving time, since the generation prompt ends
+    before it). Templates that trim the content (Gemma's `| trim`) are followed."""
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        if not text.startswith(prompt) or not text[len(prompt):].startswith(m["content"]):
+        rest = text[len(prompt):] if text.startswith(prompt) else ""
+        content = m["content"] if m["content"] in rest else m["content"].strip()
+        at = rest.find(content) if rest else -1
+        if at < 0:
             raise DataError(
                 f"{where}: the tokenizer's chat template does not render this conversation "
                 "incrementally, so assistant turns cannot be located"
             )
-        spans.append((len(prompt), len(prompt) + len(m["content"])))
+        spans.append((len(prompt), len(prompt) + at + len(content)))
     return spans
 
 
 def _tokenize_messages(tokenizer, messages: list[dict], where: str) -> Example:
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = _assistant_spans(tokenizer, messages, text, where)
-    enc = tokenizer(text, return_offsets_mapping=True)
+    enc = encode_rendered(tokenizer, text, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     # all_special_ids misses chat markers such as <|end|>; the added-token table has them.
     special = {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}

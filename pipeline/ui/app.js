@@ -151,6 +151,7 @@ function resetMetrics() {
 async function refreshMetrics() {
   const data = await getJSON(`/api/metrics?after=${metrics.last}`);
   $("run-name").textContent = data.run;
+  $("model-line").textContent = data.family ? `${data.base} (${data.family})` : data.base;
   $("live").classList.add("on");
   if (data.last_step < metrics.last) {  // a resumed run rewrote metrics.jsonl: start over
     resetMetrics();
