@@ -18,6 +18,9 @@ from .config import load_config, make_path
 from .errors import PipelineError
 
 EXIT_NO_OLLAMA = 3
+# pipeline.tiny.FAMILIES' names, written out so that parsing the command line imports no torch
+# (tests/test_family_vocab.py checks that the two agree).
+TINY_FAMILIES = ("phi3", "llama3", "qwen2", "qwen3", "gemma3")
 
 
 def _cmd_plan(args) -> int:
@@ -169,12 +172,17 @@ def _cmd_import_soul(args) -> int:
 
 
 def _cmd_tiny_model(args) -> int:
+    from .errors import BadInputError
     from .hf import quiet_transformers
-    from .tiny import build_tiny_phi3
+    from .tiny import build_tiny
 
     quiet_transformers()
-    out = build_tiny_phi3(args.out, hidden_size=args.hidden_size, tie_word_embeddings=args.tied, seed=args.seed)
-    print(f"[tiny-model] wrote {out}")
+    try:
+        out = build_tiny(args.out, args.family, hidden_size=args.hidden_size, tie_word_embeddings=args.tied,
+                         seed=args.seed)
+    except ValueError as e:
+        raise BadInputError(str(e)) from None
+    print(f"[tiny-model] wrote {out} ({args.family})")
     return 0
 
 
@@ -264,10 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("soul_pt", type=Path)
     sp.add_argument("--out", type=Path, required=True, help="soul.safetensors to write")
     sp.add_argument("--hidden-size", type=int, help="model hidden size (needed for one shared 8x8 rotation)")
-    sp = command("tiny-model", _cmd_tiny_model, "Build the tiny offline Phi-3 demo base model.", config=False)
+    sp = command("tiny-model", _cmd_tiny_model,
+                 "Build a tiny offline base model of a family, on its real tokenizer (default: the Phi-3 demo base).",
+                 config=False)
     sp.add_argument("--out", type=Path, required=True, help="output folder")
-    sp.add_argument("--hidden-size", type=int, default=256)
-    sp.add_argument("--tied", action="store_true", help="tie the LM head to the input embeddings")
+    sp.add_argument("--family", choices=TINY_FAMILIES, default="phi3")
+    sp.add_argument("--hidden-size", type=int, help="default: the family's (256)")
+    sp.add_argument("--tied", action=argparse.BooleanOptionalAction,
+                    help="tie the LM head to the input embeddings, or --no-tied (default: as the real model: "
+                         "untied for phi3, tied for the others)")
     sp.add_argument("--seed", type=int, default=0)
     return p
 
