@@ -162,36 +162,56 @@ def chat_template_capabilities(chat_template: str) -> set[str]:
 
 def go_template_capabilities(template: str) -> set[str]:
     """server/images.go goTemplateCapabilities, approximated on the text: `.Tools` for tools
-    (Vars contains "tools"), an opening and closing think tag for thinking (thinking.InferTags)."""
-    caps = set()
-    if ".Tools" in template:
-        caps.add("tools")
-    if "<think>" in template and "</think>" in template:
-        caps.add("thinking")
-    return caps
+    (Vars contains "tools"), `.Suffix` for insert, `.Thinking` for thinking (thinking.InferTags
+    takes the text around it as the tags; a literal <think> elsewhere gives no thinking)."""
+    return {cap for cap, field in (("tools", ".Tools"), ("insert", ".Suffix"), ("thinking", ".Thinking"))
+            if field in template}
 
 
 def uses_go_template(template: str, chat_template: str, go_template_env: bool | None) -> bool:
     """server/routes.go shouldUseGoTemplate: OLLAMA_GO_TEMPLATE decides when set; else the Go
     TEMPLATE is used unless the GGUF's chat template offers more capabilities
-    (server/images.go shouldPreferChatTemplate, without the tool round-trip refinements)."""
+    (server/images.go shouldPreferChatTemplate's hasMoreCapabilities, a count, without the tool
+    round-trip refinements)."""
     if not template:
         return False
     if go_template_env is not None:
         return go_template_env
-    return not (chat_template and chat_template_capabilities(chat_template) > go_template_capabilities(template))
+    return not (chat_template and len(chat_template_capabilities(chat_template)) > len(go_template_capabilities(template)))
 
 
-def render_native(chat_template: str, messages: list[dict], bos: str, eos: str) -> str:
-    """What llama-server renders from the GGUF's Jinja chat template in native mode (its
-    Jinja engine is minja; jinja2 with the settings transformers uses stands in for it)."""
+def render_native(chat_template: str, messages: list[dict], bos: str, eos: str, adds_bos: bool) -> str:
+    """What llama-server's /apply-template renders from the GGUF's Jinja chat template in native
+    mode, for the body Ollama sends it (llm/llama_server.go llamaServerChatRequest: messages only).
+    llama.cpp's own Jinja engine is stood in for by jinja2 with the settings transformers uses, fed
+    as common/chat.cpp feeds it: bos_token, eos_token, enable_thinking (true, its default and what
+    Ollama sends for a thinking model), strftime_now on local time (common/jinja/value.cpp), and
+    the extra context of common_chat_extra_context (date_string "%d %b %Y", datetime "%b %d %Y"),
+    which Llama-3.1's template takes instead of its own 26 Jul 2024. A final assistant message is
+    continued, not answered (tools/server: prefill_assistant, on by default): llama.cpp appends
+    its content to the render without it and a generation prompt inferred by comparing renders
+    (common/chat-auto-parser-generator.cpp); here the whole render is cut after the content, the
+    same for the templates whose native render Ollama prefers (not for one that writes eos_token
+    where no generation prompt is asked for, such as Phi-3.5's). A leading BOS text is dropped
+    when the GGUF's tokenizer adds BOS (common_chat_template_direct_apply_impl)."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(chat_template).render(messages=messages, add_generation_prompt=True,
-                                                 bos_token=bos, eos_token=eos)
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    now = datetime.now()
+    prefill = bool(messages) and messages[-1]["role"] == "assistant"
+    end = "\x00end of the continued message\x00"  # marks where the continued content ends
+    if prefill:
+        messages = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + end}]
+    rendered = env.from_string(chat_template).render(
+        messages=messages, add_generation_prompt=not prefill, bos_token=bos, eos_token=eos, enable_thinking=True,
+        date_string=now.strftime("%d %b %Y"), datetime=now.strftime("%b %d %Y"))
+    if prefill:
+        rendered = rendered[:rendered.rindex(end)]
+    return rendered[len(bos):] if adds_bos and bos and rendered.startswith(bos) else rendered
 
 
-def gguf_chat_format(path: Path) -> tuple[str, str, str]:
-    """tokenizer.chat_template and the BOS and EOS token texts of a GGUF (gguf-py's reader)."""
+def gguf_chat_format(path: Path) -> tuple[str, str, str, bool]:
+    """tokenizer.chat_template, the BOS and EOS token texts and tokenizer.ggml.add_bos_token of a
+    GGUF (gguf-py's reader)."""
     reader = GGUFReader(str(path))
 
     def field(name):
@@ -201,7 +221,7 @@ def gguf_chat_format(path: Path) -> tuple[str, str, str]:
     tokens = field("tokenizer.ggml.tokens") or []
     bos, eos = field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")
     return (field("tokenizer.chat_template") or "", tokens[bos] if bos is not None else "",
-            tokens[eos] if eos is not None else "")
+            tokens[eos] if eos is not None else "", bool(field("tokenizer.ggml.add_bos_token")))
 
 
 def format_parameters(parameters: dict) -> str:
@@ -476,10 +496,10 @@ class FakeOllama(http.server.BaseHTTPRequestHandler):
     def _prompt(self, model: dict, messages: list[dict]) -> str:
         """The prompt: the Go TEMPLATE (template.Execute) or, in native mode, the GGUF's own
         chat template (server/routes.go chatModeForModel)."""
-        chat_template, bos, eos = gguf_chat_format(self._blob_path(model))
+        chat_template, bos, eos, adds_bos = gguf_chat_format(self._blob_path(model))
         if uses_go_template(model["template"] or "", chat_template, self.go_template):
             return render(model["template"], messages)
-        return render_native(chat_template, messages, bos, eos)
+        return render_native(chat_template, messages, bos, eos, adds_bos)
 
     def _chat(self, req: dict):
         """server/routes.go ChatHandler: 404 for an unknown model, FromMap of the stored parameters
