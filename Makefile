@@ -14,7 +14,11 @@ NPROC   ?= 1
 PYTHON  ?= python3
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
-TINY    := build/tiny-phi3
+# make demo runs demo.yaml on the tiny Phi-3; FAMILY=llama3|qwen2|qwen3|gemma3 runs the same demo on that
+# family's tiny model, with demo.yaml's settings in a run of its own (build/demo-<family>/).
+FAMILY  ?= phi3
+TINY    := build/tiny-$(FAMILY)
+DEMO_CONFIG := $(if $(filter phi3,$(FAMILY)),demo.yaml,build/demo-$(FAMILY).yaml)
 PYTEST_ARGS ?=
 PROMPT  ?= こんにちは。自己紹介をしてください。
 
@@ -125,14 +129,18 @@ plots: ## Plot alpha/gate with the phases, loss, orthogonality: reports/*.png
 eval: ## Held-out Japanese perplexity of every model: reports/eval.md
 serve: ## Serve POST /think (only <final>) and the dashboard on 127.0.0.1:8642
 
-# Its tokenizer and chat template are Phi-3.5's real ones, from the pinned llama.cpp's source.
+# Its tokenizer and chat template are the family's real ones, from the pinned llama.cpp's source
+# (Phi-3.5's for the default demo).
 $(TINY)/config.json: pipeline/tiny.py pipeline/vocab.py scripts/llama-cpp.pin | $(VENV_READY) $(LLAMA_READY)
-	@echo "==> [tiny-model] building the tiny offline Phi-3 demo base (Phi-3.5's real tokenizer)"
-	$(PY) -m pipeline tiny-model --out $(TINY)
+	@echo "==> [tiny-model] building the tiny offline $(FAMILY) demo base (its real tokenizer)"
+	$(PY) -m pipeline tiny-model --family $(FAMILY) --out $(TINY)
+
+build/demo-$(FAMILY).yaml: demo.yaml pipeline/demo.py | $(VENV_READY)
+	$(PY) -m pipeline demo-config --family $(FAMILY) --tiny $(TINY) --out $@
 
 .PHONY: demo
-demo: $(VENV_READY) $(LLAMA_READY) $(TINY)/config.json ## Whole chain on the tiny model (CPU, offline)
-	@$(call locked,demo.yaml) $(SUBMAKE) ollama-if-available CONFIG=demo.yaml
+demo: $(VENV_READY) $(LLAMA_READY) $(TINY)/config.json $(DEMO_CONFIG) ## Whole chain on the tiny model (CPU, offline): FAMILY=qwen3 for another
+	@$(call locked,$(DEMO_CONFIG)) $(SUBMAKE) ollama-if-available CONFIG=$(DEMO_CONFIG)
 
 # ---- checks --------------------------------------------------------------
 

@@ -16,11 +16,12 @@ from pathlib import Path
 
 from .config import load_config, make_path
 from .errors import PipelineError
+from .families import supported
 
 EXIT_NO_OLLAMA = 3
-# pipeline.tiny.FAMILIES' names, written out so that parsing the command line imports no torch
-# (tests/test_family_vocab.py checks that the two agree).
-TINY_FAMILIES = ("phi3", "llama3", "qwen2", "qwen3", "gemma3")
+# The supported families, each of which pipeline.tiny builds a test model of (tests/test_family_vocab.py
+# checks that the two agree); from the registry, so that parsing the command line imports no torch.
+TINY_FAMILIES = tuple(f.name for f in supported())
 
 
 def _cmd_plan(args) -> int:
@@ -186,6 +187,14 @@ def _cmd_tiny_model(args) -> int:
     return 0
 
 
+def _cmd_demo_config(args) -> int:
+    from .demo import demo_config
+
+    out = demo_config(args.demo, args.family, args.tiny, args.out)
+    print(f"[demo-config] wrote {out}")
+    return 0
+
+
 def _cmd_serve(args) -> int:
     from .serve import serve
 
@@ -282,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tie the LM head to the input embeddings, or --no-tied (default: as the real model: "
                          "untied for phi3, tied for the others)")
     sp.add_argument("--seed", type=int, default=0)
+    sp = command("demo-config", _cmd_demo_config, "Write demo.yaml for another family's tiny model.", config=False)
+    sp.add_argument("--family", required=True, choices=TINY_FAMILIES)
+    sp.add_argument("--tiny", type=Path, required=True, help="the family's tiny model folder")
+    sp.add_argument("--out", type=Path, required=True, help="the config to write")
+    sp.add_argument("--demo", type=Path, default=Path("demo.yaml"), help="the demo config it derives from")
     return p
 
 

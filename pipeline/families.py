@@ -47,13 +47,20 @@ class Family:
     # Does an untied lm_head reach the GGUF as output.weight? Where not, the folded soul would
     # vanish silently, so such a family is refused (see `refused`).
     head_survives_convert: bool = True
-    # Rows of token_embd/output in the GGUF: "config" (vocab_size rows: ids past the tokenizer's
-    # become [PADn] tokens), or "tokenizer" (the converter trims token_embd to the tokenizer's ids,
-    # so fuse trims the head and the embeddings to match; Gemma-3's 262208 rows hold 64 unused ones).
+    # How the rows of token_embd and output are laid out in the GGUF. "config": vocab_size rows, as
+    # in the HF model; ids past the tokenizer's become [PADn] tokens (Phi-3 pads 32011 ids to 32064,
+    # Qwen 151669 to 151936, Gemma-3's text models 262144 to 262208: Gemma3Model.modify_tensors cuts
+    # token_embd to the converter's token list, which is already padded to vocab_size, so it cuts
+    # nothing at the pin; tests/test_family_vocab.py checks it). The only layout the pinned converter
+    # produces for these families; a family whose converter trims the embeddings only would need fuse
+    # to trim the head alike.
     gguf_vocab_rows: str = "config"
-    # Would Ollama prefer the GGUF's own chat template over the Modelfile TEMPLATE for the
-    # family's released chat template (it supports tools or thinking)? Then the GGUF's template
-    # must be the one training used (it is: convert copies the tokenizer's).
+    # Would Ollama prefer the GGUF's own chat template over the Modelfile TEMPLATE for the family's
+    # current release's chat template (it supports tools or thinking)? Then the GGUF's template must
+    # be the one training used (it is: convert copies the tokenizer's). It depends on the base's own
+    # template (Llama-3.0's has no tools; 3.1+'s have), so registration decides from the GGUF's
+    # actual template (ollama.template_in_use); this is the expectation tests/test_family_templates.py
+    # checks against Ollama's rule.
     gguf_template_wins: bool = False
     thinking: tuple[str, str] | None = None  # the family's own reasoning tags, if its template has them
     # llama.cpp gives the special tokens their tokenizer.json right-strip only when general.name
@@ -85,7 +92,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="llama3",
-        display="Llama-3.x (Swallow, ELYZA-JP, llm-jp-3, sarashina2)",
+        display="Llama-3.x (Swallow, ELYZA-JP)",
         architectures=("LlamaForCausalLM",),
         model_types=("llama",),
         lora_targets=SPLIT_PROJECTIONS,
@@ -93,6 +100,8 @@ FAMILIES: tuple[Family, ...] = (
         ollama_template="llama3-instruct",
         gguf_template_wins=True,  # Llama-3.1+'s template supports tools
         extra_gguf_tensors=("rope_freqs.weight",),  # rope_scaling "llama3" factors (conversion/llama.py)
+        notes=("llm-jp-3 and sarashina2 are LlamaForCausalLM with chat formats of their own: they need "
+               "ollama.template and ollama.stop (registration's prompt check catches a mismatch)",),
     ),
     Family(
         name="qwen2",
@@ -125,7 +134,6 @@ FAMILIES: tuple[Family, ...] = (
         lora_targets=SPLIT_PROJECTIONS,
         modelfile="gemma3",
         ollama_template="gemma3-instruct",
-        gguf_vocab_rows="tokenizer",
         notes=("embeddings scaled by sqrt(hidden_size); RMSNorm weights stored as w - 1",
                "the system prompt is folded into the first user turn"),
     ),

@@ -32,6 +32,7 @@ class GGUFInfo:
     version: int
     metadata: dict[str, object] = field(default_factory=dict)
     tensor_types: dict[str, str] = field(default_factory=dict)
+    tensor_shapes: dict[str, list[int]] = field(default_factory=dict)  # ggml order: the row length first
 
 
 class _HeaderReader:
@@ -74,8 +75,8 @@ def validate_gguf(path: Path) -> GGUFInfo:
     it does not know is only checked to start inside the file).
 
     Inputs: path, the file to check.
-    Outputs: a GGUFInfo with the version, every metadata key/value (arrays as lists) and each
-    tensor's type name, e.g. {"blk.0.ffn_down.weight": "Q6_K", ...}.
+    Outputs: a GGUFInfo with the version, every metadata key/value (arrays as lists), each
+    tensor's type name, e.g. {"blk.0.ffn_down.weight": "Q6_K", ...}, and its dimensions.
     Errors: GGUFError naming the file, for a bad magic, an unsupported version, a corrupt or
     truncated header, or missing tensor data; FileNotFoundError / OSError when it cannot be read.
     """
@@ -106,8 +107,9 @@ def validate_gguf(path: Path) -> GGUFInfo:
     if not isinstance(alignment, int) or alignment <= 0:
         raise GGUFError(f"{path}: corrupt GGUF, general.alignment is {alignment!r}")
     data_start = -(-header_end // alignment) * alignment
-    needed = data_start
+    needed = data_start if tensors else header_end  # a vocab-only GGUF ends with its header
     for name, dims, type_id, offset in tensors:
+        info.tensor_shapes[name] = dims
         try:
             qtype = GGMLQuantizationType(type_id)
         except ValueError:

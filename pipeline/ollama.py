@@ -17,6 +17,7 @@ manifest digest), the stamp that tells Make the registration is current;
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -506,8 +507,20 @@ def training_prompt(model_dir: Path, messages: list[dict]) -> str:
     from transformers import AutoTokenizer  # heavy: only when a registration is proven
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         **llama_cpp_extra_context())
     return without_bos(tokenizer, text)
+
+
+def llama_cpp_extra_context(now: datetime.datetime | None = None) -> dict[str, str]:
+    """What llama-server adds to every chat template's context (common/chat.cpp
+    common_chat_extra_context at the pin): today's date. Llama-3.1/3.3's templates write it into
+    their system header ("Today Date: ..."; without it, "26 Jul 2024"), so a prompt Ollama renders
+    from such a GGUF's template carries the day it is rendered. The proof renders with the same day:
+    the date line is a value of the template, not a difference of format. (Training rendered with
+    the template's own default, or, for Llama-3.2, transformers' strftime_now: its day.)"""
+    now = now or datetime.datetime.now()
+    return {"date_string": now.strftime("%d %b %Y"), "datetime": now.strftime("%b %d %Y")}
 
 
 # -- which template Ollama renders with: server/images.go at v0.33.0-rc2 (fb30760) ------------------

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ToolchainError
+from .formats import GGUFError, validate_gguf
 from .llamacpp import require_install
 
 # llama.cpp's test files end each string with this line (tests/test-tokenizer-0.cpp).
@@ -174,20 +175,12 @@ def _gguf_tokenizer_metadata(path: Path) -> dict[str, object]:
     """The tokenizer.* metadata of a vocab-only GGUF (arrays as lists).
 
     The `gguf` package's GGUFReader takes 10-30 s on the 128k-262k token vocabularies (one numpy
-    array per string); pipeline.formats' header reader takes about a second.
+    array per string); pipeline.formats.validate_gguf, which reads the header alone, about a second.
     """
-    from .formats import _HeaderReader
-
-    with open(path, "rb") as f:
-        reader = _HeaderReader(f, path.stat().st_size, path)
-        if reader.take(4) != b"GGUF":
-            raise ToolchainError(f"{path} is not a GGUF file")
-        reader.unpack("I")  # version
-        reader.unpack("Q")  # tensor count: 0 in a vocab-only GGUF
-        metadata = {}
-        for _ in range(reader.unpack("Q")):
-            key = reader.string()
-            metadata[key] = reader.value(reader.unpack("I"))
+    try:
+        metadata = validate_gguf(path).metadata
+    except GGUFError as err:
+        raise ToolchainError(str(err)) from None
     return {k: v for k, v in metadata.items() if k.startswith("tokenizer.")}
 
 

@@ -168,3 +168,26 @@ def test_lora_targets_and_chat_format_default_to_the_base_family(tmp_path, name)
     cfg = load_config(write_config(tmp_path / "d.yaml", small_config(
         base, tmp_path / "b", train={"lora": {"target_modules": ["q_proj"]}}, ollama={"family": "phi3"})))
     assert lora_targets(cfg) == ["q_proj"] and modelfile_family(cfg) == "phi3"
+
+
+def test_the_demo_config_of_another_family_is_demo_yaml_on_its_tiny_model(tmp_path):
+    """`make demo FAMILY=qwen3` runs demo.yaml's settings on the tiny Qwen3, in a run of its own:
+    every path still names what demo.yaml's names, and the family comes from the base."""
+    from conftest import REPO
+    from pipeline.demo import demo_config
+    from pipeline.errors import BadInputError
+
+    base = random_model(tmp_path / "tiny-qwen3", SHAPES["qwen3"], tied=True)
+    (base / "tokenizer.json").write_text("{}")
+    out = demo_config(REPO / "demo.yaml", "qwen3", base, tmp_path / "build" / "demo-qwen3.yaml")
+    demo, derived = load_config(REPO / "demo.yaml"), load_config(out)
+    assert derived.run.name == "demo-qwen3" and derived.ollama.model == "agiasi-demo-qwen3"
+    assert derived.resolve(derived.model.base).resolve() == base.resolve()
+    assert derived.local_data_files() == demo.local_data_files()
+    assert derived.heldout_path.resolve() == demo.heldout_path.resolve()
+    assert derived.imatrix_calibration.resolve() == demo.imatrix_calibration.resolve()
+    assert derived.run_dir.resolve() == (demo.run_dir.parent / "demo-qwen3").resolve()
+    assert derived.train.steps == demo.train.steps and modelfile_family(derived) == "qwen3"
+    assert str(tmp_path) not in out.read_text()  # relative paths only
+    with pytest.raises(BadInputError, match="supported: phi3, llama3"):
+        demo_config(REPO / "demo.yaml", "gemma2", base, tmp_path / "x.yaml")

@@ -177,7 +177,8 @@ def test_where_ollama_picks_the_gguf_template_it_renders_what_training_saw_but_a
     """Natively, llama-server renders the release's own template as transformers does, with two
     differences: it gives every template date_string, today's date (common/chat.cpp
     common_chat_extra_context), so Llama-3.1/3.3's system header says today where transformers
-    writes their default 26 Jul 2024 (registration's prompt check then fails for such a base);
+    writes their default 26 Jul 2024 (registration's prompt check renders with the same context:
+    the next test);
     and it continues a final assistant message instead of answering it (llama-server's
     prefill_assistant, which Ollama leaves on), where our TEMPLATEs answer it."""
     for messages in CONVERSATIONS.values():
@@ -186,6 +187,21 @@ def test_where_ollama_picks_the_gguf_template_it_renders_what_training_saw_but_a
             assert "Today Date: 26 Jul 2024\n" in want
             want = want.replace("Today Date: 26 Jul 2024\n", f"Today Date: {datetime.now():%d %b %Y}\n")
         assert native(release, messages) == want
+
+
+def test_the_prompt_proof_renders_a_llama31_base_as_llama_server_does(tmp_path):
+    """Registration's prompt check (ollama.training_prompt) gives the template llama-server's extra
+    context, so a Llama-3.1 base, whose GGUF template Ollama renders natively with today's date,
+    passes it; without that context its system header would say 26 Jul 2024."""
+    from pipeline.ollama import training_prompt
+    from pipeline.tiny import build_tiny
+
+    base = build_tiny(tmp_path / "llama31", "llama3")
+    (base / "chat_template.jinja").write_text(LLAMA31.template(), encoding="utf-8")
+    for messages in CONVERSATIONS.values():
+        if messages[-1]["role"] == "user":
+            assert training_prompt(base, messages) == native(LLAMA31, messages)
+            assert f"Today Date: {datetime.now():%d %b %Y}\n" in training_prompt(base, messages)
 
 
 @pytest.fixture(scope="module")

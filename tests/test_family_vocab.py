@@ -20,6 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from makeutil import needs_llama_cpp
 from pipeline import tiny, vocab
+from pipeline.chattext import encode_rendered, without_bos
+from pipeline.formats import validate_gguf
 
 pytestmark = pytest.mark.slow
 
@@ -97,13 +99,8 @@ def _variant_id(variant: tuple[str, bool]) -> str:
 
 
 def encode_chat(tokenizer, text: str) -> list[int]:
-    """The rule the pipeline tokenizes a rendered chat by: a leading BOS the template wrote is dropped,
-    then the text is tokenized with its special tokens and the tokenizer's own BOS, if it adds one
-    (Llama-3's and Gemma-3's templates write <|begin_of_text|> / <bos> themselves)."""
-    bos = tokenizer.bos_token
-    if bos and text.startswith(bos):
-        text = text[len(bos):]
-    return tokenizer(text)["input_ids"]
+    """A rendered chat tokenized as the pipeline tokenizes it (pipeline.chattext)."""
+    return encode_rendered(tokenizer, text)["input_ids"]
 
 
 def _rendered(tokenizer, messages: list[dict]) -> str:
@@ -113,22 +110,7 @@ def _rendered(tokenizer, messages: list[dict]) -> str:
 
 def _gguf_tensor_shapes(path: Path) -> dict[str, list[int]]:
     """Each tensor's dimensions, from the GGUF's header (ggml order: the row length first)."""
-    from pipeline.formats import _HeaderReader
-
-    with open(path, "rb") as f:
-        r = _HeaderReader(f, path.stat().st_size, path)
-        assert r.take(4) == b"GGUF"
-        r.unpack("I")
-        n_tensors, n_kv = r.unpack("Q"), r.unpack("Q")
-        for _ in range(n_kv):
-            r.string()
-            r.value(r.unpack("I"))
-        shapes = {}
-        for _ in range(n_tensors):
-            name = r.string()
-            shapes[name] = [r.unpack("Q") for _ in range(r.unpack("I"))]
-            r.unpack("I"), r.unpack("Q")
-    return shapes
+    return validate_gguf(path).tensor_shapes
 
 
 @pytest.fixture(scope="module", params=VARIANTS, ids=_variant_id)
@@ -219,7 +201,7 @@ def test_llama_cpp_tokenizes_chat_prompts_like_hf(built, tokenizer, converted, c
     _, llm = converted
     text = _rendered(tokenizer, CONVERSATIONS[conversation])
     hf_ids = encode_chat(tokenizer, text)
-    cpp_ids = llm.tokenize(text.removeprefix(tokenizer.bos_token or "").encode("utf-8"), add_bos=True, special=True)
+    cpp_ids = llm.tokenize(without_bos(tokenizer, text).encode("utf-8"), add_bos=True, special=True)
     assert cpp_ids == hf_ids, f"llama.cpp {tokenizer.convert_ids_to_tokens(cpp_ids)}"
     bos_id = {"<|begin_of_text|>": 128000, "<bos>": 2}.get(tokenizer.bos_token)
     if bos_id is None:
