@@ -33,6 +33,7 @@ class GGUFInfo:
     metadata: dict[str, object] = field(default_factory=dict)
     tensor_types: dict[str, str] = field(default_factory=dict)
     tensor_shapes: dict[str, list[int]] = field(default_factory=dict)  # ggml order: the row length first
+    tensor_offsets: dict[str, int] = field(default_factory=dict)  # where each tensor's data starts in the file
 
 
 class _HeaderReader:
@@ -110,6 +111,7 @@ def validate_gguf(path: Path) -> GGUFInfo:
     needed = data_start if tensors else header_end  # a vocab-only GGUF ends with its header
     for name, dims, type_id, offset in tensors:
         info.tensor_shapes[name] = dims
+        info.tensor_offsets[name] = data_start + offset
         try:
             qtype = GGMLQuantizationType(type_id)
         except ValueError:

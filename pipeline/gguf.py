@@ -13,6 +13,7 @@ from pathlib import Path
 from . import llamacpp
 from .config import FUSION_MARKER, Config
 from .errors import BadInputError, ToolchainError
+from .formats import validate_gguf
 from .fidelity import check_converted, check_converter_exactness, check_quantized, gguf_model
 from .integrity import verify_file, verify_folder
 from .resources import require
@@ -27,14 +28,30 @@ def convert(cfg: Config) -> Path:
     require(cfg, "convert")
     out = cfg.gguf_path(cfg.gguf.outtype)
     print(f"[convert] {fused} -> {out}")
-    check = None
-    if cfg.fidelity.enabled:
-        if cfg.fidelity.compare_f32 and cfg.gguf.outtype != "f32":
-            check_converter_exactness(cfg, fused)  # first: its temporary files are gone before the GGUF is written
+    if cfg.fidelity.enabled and cfg.fidelity.compare_f32 and cfg.gguf.outtype != "f32":
+        check_converter_exactness(cfg, fused)  # first: its temporary files are gone before the GGUF is written
 
-        def check(tmp: Path) -> None:
+    def check(tmp: Path) -> None:
+        require_folded_head(tmp)
+        if cfg.fidelity.enabled:
             check_converted(cfg, fused, tmp)
     return llamacpp.convert_hf_to_gguf(fused, out, cfg.gguf.outtype, model_name=cfg.gguf_model_name, check=check)
+
+
+# The GGUF tensor llama.cpp uses as the LM head; without it, it uses token_embd ("if output is NULL,
+# init from the input tok embed": src/models/qwen3.cpp, llama.cpp, gemma3.cpp, ... at the pin), and
+# the soul folded into the head is gone.
+OUTPUT_TENSOR = "output.weight"
+
+
+def require_folded_head(path: Path) -> None:
+    """The folded head is in the GGUF. Always checked, gate or not: a converter that drops an untied
+    head (Gemma-2's does) makes a model that loads, runs and is not the trained one.
+    Errors: ToolchainError naming the file."""
+    if OUTPUT_TENSOR not in validate_gguf(path).tensor_types:
+        raise ToolchainError(
+            f"{path.name}: no {OUTPUT_TENSOR} tensor, so llama.cpp would use token_embd as the LM head and the "
+            "soul folded into the head would be lost; the converter dropped the fused model's lm_head")
 
 
 def quantize(cfg: Config, qtype: str) -> Path:
@@ -46,9 +63,9 @@ def quantize(cfg: Config, qtype: str) -> Path:
     verify_file(src)
     require(cfg, "quantize")
     print(f"[quantize] {src.name} -> {out.name} ({matches[0]})")
-    check = None
-    if cfg.fidelity.enabled:
-        def check(tmp: Path) -> None:
+    def check(tmp: Path) -> None:
+        require_folded_head(tmp)
+        if cfg.fidelity.enabled:
             check_quantized(cfg, src, tmp, matches[0])
     imatrix = cfg.imatrix_path
     if imatrix is not None:
