@@ -97,6 +97,28 @@ MUTANTS = (
            "scale = alpha / (r ** 0.5) if acfg.get(\"use_rslora\") else 1.0",
            ("tests/test_fuse.py",)),
     # -- the fidelity gate ---------------------------------------------------------------------
+    # -- model families ------------------------------------------------------------------------
+    Mutant("gate-skips-gemma-embed-scale", "families",
+           "the layer-by-layer gate looks embeddings up in the table, skipping the model's embedding module "
+           "(Gemma scales by sqrt(hidden)): it no longer computes the model transformers runs",
+           "pipeline/layered.py",
+           "streams[name] = _Stream(v, [embed(torch.tensor([seq])) for seq in ids])",
+           "streams[name] = _Stream(v, [nn.functional.embedding(torch.tensor([seq]), embed.weight) for seq in ids])",
+           ("tests/test_families.py",)),
+    Mutant("gate-uses-layer-0-inputs", "families",
+           "every decoder layer gets layer 0's mask and rope, as the Phi-3-only gate did: Gemma-3's full-attention "
+           "layers then see a sliding window",
+           "pipeline/layered.py",
+           'run_layer(files, layer, f"model.layers.{i}.", streams, [p[i] for p in per_prompt])',
+           'run_layer(files, layer, f"model.layers.{i}.", streams, [p[0] for p in per_prompt])',
+           ("tests/test_families.py",)),
+    Mutant("headless-gguf-accepted", "families",
+           "convert and quantize accept a GGUF without output.weight (a converter that drops the head, as "
+           "Gemma-2's does): llama.cpp runs token_embd as the head and the soul is gone",
+           "pipeline/gguf.py",
+           "    if OUTPUT_TENSOR not in validate_gguf(path).tensor_types:",
+           "    if OUTPUT_TENSOR in validate_gguf(path).tensor_types and False:",
+           ("tests/test_family_chain.py::test_a_gguf_without_the_head_is_refused",)),
     Mutant("quantize-gate-off", "gate",
            "the quantize stage's gate is switched off: every quantization is kept, whatever its KL",
            "pipeline/gguf.py",

@@ -4,6 +4,7 @@ family's own transformers code, on random models of each family's real config sh
 from __future__ import annotations
 
 import numpy as np
+import yaml
 import pytest
 import torch
 
@@ -180,14 +181,15 @@ def test_the_demo_config_of_another_family_is_demo_yaml_on_its_tiny_model(tmp_pa
     base = random_model(tmp_path / "tiny-qwen3", SHAPES["qwen3"], tied=True)
     (base / "tokenizer.json").write_text("{}")
     out = demo_config(REPO / "demo.yaml", "qwen3", base, tmp_path / "build" / "demo-qwen3.yaml")
-    demo, derived = load_config(REPO / "demo.yaml"), load_config(out)
-    assert derived.run.name == "demo-qwen3" and derived.ollama.model == "agiasi-demo-qwen3"
+    demo = yaml.safe_load((REPO / "demo.yaml").read_text(encoding="utf-8"))  # its base may not be built yet
+    derived = load_config(out)
+    assert derived.run.name == "demo-qwen3" and derived.ollama.model == f"{demo['ollama']['model']}-qwen3"
     assert derived.resolve(derived.model.base).resolve() == base.resolve()
-    assert derived.local_data_files() == demo.local_data_files()
-    assert derived.heldout_path.resolve() == demo.heldout_path.resolve()
-    assert derived.imatrix_calibration.resolve() == demo.imatrix_calibration.resolve()
-    assert derived.run_dir.resolve() == (demo.run_dir.parent / "demo-qwen3").resolve()
-    assert derived.train.steps == demo.train.steps and modelfile_family(derived) == "qwen3"
+    assert derived.local_data_files() == [(REPO / s["path"]).resolve() for s in demo["data"]["train"]]
+    assert derived.heldout_path.resolve() == (REPO / demo["eval"]["heldout"]).resolve()
+    assert derived.imatrix_calibration.resolve() == (REPO / demo["gguf"]["imatrix"]["calibration"]).resolve()
+    assert derived.run_dir.resolve() == (REPO / demo["run"]["build_dir"] / "demo-qwen3").resolve()
+    assert derived.train.steps == demo["train"]["steps"] and modelfile_family(derived) == "qwen3"
     assert str(tmp_path) not in out.read_text()  # relative paths only
     with pytest.raises(BadInputError, match="supported: phi3, llama3"):
         demo_config(REPO / "demo.yaml", "gemma2", base, tmp_path / "x.yaml")
