@@ -13,11 +13,14 @@ For each family, tied and untied where the family has both:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from conftest import small_config, write_config
-from makeutil import make, needs_llama_cpp
+from makeutil import make, needs_llama_cpp, run_make
+from ollama_contract import running
 from pipeline import llamacpp
 from pipeline.chattext import encode_rendered
 from pipeline.errors import ToolchainError
@@ -37,25 +40,50 @@ VARIANTS = [("llama3", True), ("llama3", False), ("qwen2", True), ("qwen2", Fals
 MAX_KL_FUSED, MAX_KL_F32 = 1e-4, 1e-5
 
 
-@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: f"{v[0]}-{'tied' if v[1] else 'untied'}")
-def family_run(request, tmp_path_factory):
+@dataclass
+class Chain:
+    family: str
+    tied: bool
+    base: Path
+    run: Path
+    config: Path
+
+
+@pytest.fixture(scope="module")
+def chains(tmp_path_factory):
+    """chains(family, tied): that variant's tiny model through `make modelfile`, built once."""
     needs_llama_cpp()
-    family, tied = request.param
-    root = tmp_path_factory.mktemp(f"{family}-{tied}")
-    # Narrower than the families' test bases (256/1024..1536): the vocabulary rows (128k-262k) set the
-    # cost of every stage, and what this checks does not need k-quant-sized rows.
-    base = build_tiny(root / f"tiny-{family}", family, tie_word_embeddings=tied, hidden_size=128,
-                      intermediate_size=256)
-    settings = small_config(base, root / "build", train={"steps": 4, "save_every": 4},
-                            soul={"warmup_steps": 1, "anneal_steps": 2},
-                            fidelity={"max_kl_fused": MAX_KL_FUSED, "max_kl_converted_f32": MAX_KL_F32})
-    path = write_config(root / "config.yaml", settings)
-    proc = make(path, "modelfile")
-    return family, tied, base, root / "build" / "t", proc
+    built: dict[tuple[str, bool], Chain] = {}
+
+    def get(family: str, tied: bool) -> Chain:
+        if (family, tied) not in built:
+            root = tmp_path_factory.mktemp(f"{family}-{tied}")
+            # Narrower than the families' test bases (256/1024..1536): the vocabulary rows (128k-262k)
+            # set the cost of every stage, and what this checks does not need k-quant-sized rows.
+            base = build_tiny(root / f"tiny-{family}", family, tie_word_embeddings=tied, hidden_size=128,
+                              intermediate_size=256)
+            settings = small_config(base, root / "build", train={"steps": 4, "save_every": 4},
+                                    soul={"warmup_steps": 1, "anneal_steps": 2},
+                                    fidelity={"max_kl_fused": MAX_KL_FUSED, "max_kl_converted_f32": MAX_KL_F32})
+            path = write_config(root / "config.yaml", settings)
+            make(path, "modelfile")
+            built[family, tied] = Chain(family, tied, base, root / "build" / "t", path)
+        return built[family, tied]
+
+    return get
 
 
-def test_the_gate_passes_at_every_step(family_run):
-    family, tied, _, run, proc = family_run
+def variant_id(variant) -> str:
+    return f"{variant[0]}-{'tied' if variant[1] else 'untied'}"
+
+
+each_variant = pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+
+
+@each_variant
+def test_the_gate_passes_at_every_step(chains, variant):
+    family, tied = variant
+    run = chains(*variant).run
     report = json.loads((run / "reports" / "fidelity.json").read_text())
     assert set(report) == {"fuse", "convert:f32", "convert", "quantize:Q4_K_M"}, report
     assert all(e["passed"] for e in report.values()), report
@@ -75,8 +103,9 @@ def first_bytes(path, names: tuple[str, ...], n: int = 1 << 16) -> dict[str, byt
         return {name: (f.seek(offsets[name]), f.read(n))[1] for name in names if name in offsets}
 
 
-def test_every_gguf_holds_the_folded_head(family_run):
-    _, _, _, run, _ = family_run
+@each_variant
+def test_every_gguf_holds_the_folded_head(chains, variant):
+    run = chains(*variant).run
     ggufs = sorted((run / "gguf").glob("*.gguf"))
     assert {p.name for p in ggufs} == {"t-f16.gguf", "t-q4_k_m.gguf"}
     for path in ggufs:
@@ -85,8 +114,9 @@ def test_every_gguf_holds_the_folded_head(family_run):
         assert found[OUTPUT_TENSOR] != found["token_embd.weight"], f"{path.name}: the head is the embeddings"
 
 
-def test_chat_prompts_carry_bos_exactly_once(family_run):
-    family, _, base, _, _ = family_run
+@each_variant
+def test_chat_prompts_carry_bos_exactly_once(chains, variant):
+    family, base = variant[0], chains(*variant).base
     tokenizer = load_tokenizer(base)
     bos = tokenizer.bos_token_id if family != "qwen2" and family != "qwen3" else None
     for text in prompt_texts(tokenizer):
@@ -97,12 +127,35 @@ def test_chat_prompts_carry_bos_exactly_once(family_run):
             assert ids[0] == bos and ids.count(bos) == 1, (family, ids[:4])
 
 
-def test_the_modelfile_is_the_familys(family_run):
-    family, _, _, run, _ = family_run
+@each_variant
+def test_the_modelfile_is_the_familys(chains, variant):
+    family, run = variant[0], chains(*variant).run
     text = (run / "Modelfile").read_text()
     assert f"modelfiles/{BY_NAME[family].modelfile}.Modelfile" in text
     end_of_turn = {"llama3": "<|eot_id|>", "qwen2": "<|im_end|>", "qwen3": "<|im_end|>", "gemma3": "<end_of_turn>"}
     assert f'PARAMETER stop "{end_of_turn[family]}"' in text
+
+
+# Which template Ollama renders each family's test model with (its chat template is Llama-3.2's,
+# Qwen2.5's, Qwen3's, Gemma-3's): the GGUF's own where that offers tools or thinking.
+RENDERED_WITH = {"llama3": "own chat template, natively", "qwen2": "own chat template, natively",
+                 "qwen3": "own chat template, natively", "gemma3": "TEMPLATE from modelfiles/gemma3.Modelfile"}
+
+
+@pytest.mark.parametrize("family", sorted(RENDERED_WITH))
+def test_registration_proves_the_prompt_the_stops_and_an_answer(chains, family, tmp_path, monkeypatch):
+    """`make ollama` against the contract server, which answers with the pinned llama-server on the
+    family's GGUF: Ollama renders the prompt training saw (with the template Ollama's own rule
+    picks), stores every stop, and the model answers (the smoke proof of demo.yaml). Once per family:
+    tied or not changes none of it."""
+    chain = chains(family, True)
+    with running(tmp_path, str(llamacpp.tool("llama-quantize")), str(llamacpp.tool("llama-server"))) as host:
+        monkeypatch.setenv("OLLAMA_HOST", host)
+        proc = run_make(chain.config, "ollama")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Ollama renders the prompt training saw" in proc.stdout and RENDERED_WITH[family] in proc.stdout
+    stamp = json.loads((chain.run / "ollama.json").read_text())
+    assert stamp["proof"]["mode"] == "smoke"
 
 
 def test_a_gguf_without_the_head_is_refused(tmp_path):
