@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import llamacpp
-from .adapter import LoraAdapter, merged_weight, nf4_round_trip, read_adapter, whole
+from .adapter import EMBED, HEAD, LoraAdapter, merged_weight, nf4_round_trip, read_adapter, whole
 from .artifacts import atomic_file, atomic_write_text
 from .chattext import encode_rendered, without_bos
 from .checkpoint import read_marker
@@ -248,7 +248,8 @@ def merge_candidate(adapter: LoraAdapter, soul: SoulState, dtype: torch.dtype,
         own = w.clone() if w.dtype == torch.float32 else w
         return whole(merged_weight(name, own, adapter, soul, dtype, base_weights)).float()
 
-    return Variant(weight=weight)
+    # The fold is row by row; a LoRA on the embeddings or the head is not.
+    return Variant(weight=weight, by_rows=not {EMBED, HEAD} & adapter.factors.keys())
 
 
 def score_merge(cfg: Config, base_dir: Path, checkpoint: Path, candidates: dict[str, Variant],

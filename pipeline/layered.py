@@ -71,6 +71,9 @@ class Variant:
     weight: Callable[[str, torch.Tensor], torch.Tensor] = stored_weight
     lora: LoraAdapter | None = None
     soul: SO8Soul | None = None
+    # weight() may be given a block of the embeddings' or the head's rows: true where those tables'
+    # weights are computed row by row (a cast, Gemma's nothing, the soul's fold; not a LoRA on them).
+    by_rows: bool = True
 
 
 class _LoraLinear(nn.Module):
@@ -182,7 +185,8 @@ def layer_inputs(model, embeds: torch.Tensor) -> list[dict]:
 
 
 def layered_logits(folder: Path, ids: list[list[int]], variants: dict[str, Variant]) -> dict[str, list[np.ndarray]]:
-    """Per-prompt logits [positions, vocab] (float64) of each variant over the model in `folder`.
+    """Per-prompt logits [positions, vocab] (float32, as the model computes them) of each variant
+    over the model in `folder`.
 
     Inputs: an HF folder of a supported family (config.json + safetensors, sharded or not); token ids per
     prompt; the variants by name. Output: {variant name: [logits per prompt]}.
@@ -202,15 +206,25 @@ def layered_logits(folder: Path, ids: list[list[int]], variants: dict[str, Varia
 
 
 def embed_prompts(files: ModelFiles, model, ids: list[list[int]], variants: dict[str, Variant]) -> dict[str, _Stream]:
-    """Each variant's embeddings of each prompt, through the model's own embedding module."""
+    """Each variant's embeddings of each prompt, through the model's own embedding module (Gemma's
+    scales them). Only the rows of the prompts' tokens are turned into a variant's weights: a
+    151936-row table in float32 is 1.6 GB at Qwen3-4B's width."""
     stored = files.get(EMBED)
+    used = sorted({t for seq in ids for t in seq})
+    at = {t: i for i, t in enumerate(used)}
     embed = model.model.embed_tokens
+    padding_idx, embed.padding_idx = embed.padding_idx, None  # it only shapes gradients
     streams = {}
-    for name, v in variants.items():
-        embed.load_state_dict({"weight": v.weight(EMBED, stored)}, assign=True)
-        streams[name] = _Stream(v, [embed(torch.tensor([seq])) for seq in ids])
-        # Frees this variant's table; the module's buffers (Gemma's embed_scale) stay real.
-        embed.weight = nn.Parameter(embed.weight.to("meta"), requires_grad=False)
+    try:
+        for name, v in variants.items():
+            table, seqs = ((v.weight(EMBED, stored[used]), [[at[t] for t in seq] for seq in ids]) if v.by_rows
+                           else (v.weight(EMBED, stored), ids))
+            embed.weight = nn.Parameter(table, requires_grad=False)
+            streams[name] = _Stream(v, [embed(torch.tensor([seq])) for seq in seqs])
+            # Frees this variant's table; the module's buffers (Gemma's embed_scale) stay real.
+            embed.weight = nn.Parameter(embed.weight.to("meta"), requires_grad=False)
+    finally:
+        embed.padding_idx = padding_idx
     return streams
 
 
@@ -248,23 +262,35 @@ def attach_lora(layer: nn.Module, prefix: str, lora: LoraAdapter | None) -> Call
     return undo
 
 
+# Rows of the head turned into a variant's weights at a time: a 151936-row head in float32 is
+# 1.6 GB at Qwen3-4B's width, a block of 8192 rows 84 MB.
+HEAD_BLOCK_ROWS = 8192
+
+
 def head_logits(files: ModelFiles, model, stream: _Stream) -> list[np.ndarray]:
+    """Per-prompt float32 logits: the final norm, the soul (when the variant has one), the head
+    (one block of rows at a time where the variant allows it), and the family's final softcap."""
     v = stream.variant
     norm = model.model.norm
     norm.load_state_dict({"weight": v.weight(NORM, files.get(NORM))}, assign=True)
-    head = v.weight(HEAD, files.get(files.head_name()))
-    out = []
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    hidden = []
     for h in stream.hidden:
         h = norm(h)
-        if v.soul is not None:
-            h = v.soul(h)
-        logits = nn.functional.linear(h, head)
-        if cap is not None:  # as Gemma's forward does after its head
-            logits = torch.tanh(logits / cap) * cap
-        out.append(logits[0].double().numpy())
+        hidden.append(v.soul(h) if v.soul is not None else h)
     norm.to("meta")
-    return out
+    stored = files.get(files.head_name())
+    rows = stored.shape[0]
+    out = [torch.empty(h.shape[1], rows) for h in hidden]
+    block = HEAD_BLOCK_ROWS if v.by_rows else rows
+    for start in range(0, rows, block):
+        w = v.weight(HEAD, stored[start:start + block])
+        for h, logits in zip(hidden, out):
+            logits[:, start:start + w.shape[0]] = nn.functional.linear(h, w)[0]
+        del w
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:  # as Gemma's forward does after its head
+        out = [torch.tanh(logits / cap) * cap for logits in out]
+    return [logits.numpy() for logits in out]
 
 
 def write_layer_slice(folder: Path, out: Path, layers: int) -> Path:
