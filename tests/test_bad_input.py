@@ -484,7 +484,8 @@ MAKE_CASES = [
     Case("make-train-impossible-schedule",
          lambda e: ["train", str(e.config(**SCHEDULE, soul={"warmup_steps": 5, "anneal_steps": 10}))],
          ("soul.warmup_steps + soul.anneal_steps",)),
-    Case("make-gguf-llama-base", lambda e: ["gguf", str(e.config(base=e.bases["llama"]))], ("LlamaForCausalLM",)),
+    Case("make-gguf-gemma2-base", lambda e: ["gguf", str(e.config(base=e.bases["gemma2"]))],
+         ("Gemma2ForCausalLM", "drops lm_head.weight")),
     Case("make-train-bad-jsonl", lambda e: ["train", str(e.jsonl(f"{GOOD_LINE}\nnot json\n"))],
          ("bad.jsonl:2: invalid JSON",)),
 ]
