@@ -102,8 +102,8 @@ MUTANTS = (
            "the layer-by-layer gate looks embeddings up in the table, skipping the model's embedding module "
            "(Gemma scales by sqrt(hidden)): it no longer computes the model transformers runs",
            "pipeline/layered.py",
-           "streams[name] = _Stream(v, [embed(torch.tensor([seq])) for seq in ids])",
-           "streams[name] = _Stream(v, [nn.functional.embedding(torch.tensor([seq]), embed.weight) for seq in ids])",
+           "streams[name] = _Stream(v, [embed(torch.tensor([seq])) for seq in seqs])",
+           "streams[name] = _Stream(v, [nn.functional.embedding(torch.tensor([seq]), embed.weight) for seq in seqs])",
            ("tests/test_families.py",)),
     Mutant("gate-uses-layer-0-inputs", "families",
            "every decoder layer gets layer 0's mask and rope, as the Phi-3-only gate did: Gemma-3's full-attention "
