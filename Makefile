@@ -156,13 +156,13 @@ MUTANTS ?=
 mutants: $(VENV_READY) $(LLAMA_READY) $(UI_READY) $(GO_READY) ## Check the tests catch each bug of tests/mutants.py (slow)
 	$(PY) tests/mutants.py $(MUTANTS)
 
-# The real run's cost at full size: a random Phi-3.5-mini-shaped base (3.8B) through
-# train, fuse, convert, quantize, each stage's wall time, peak memory and disk
-# (about 40 minutes on 2 cores, 30 GB of disk under build/). LAYERS=4 for a quick one.
+# The real run's cost at full size: a random Phi-3.5-mini-shaped base (3.8B; FAMILY=qwen3:
+# Qwen3-4B's shape, 4.0B) through train, fuse, convert, quantize, each stage's wall time, peak
+# memory and disk (about 40 minutes on 2 cores, 30 GB of disk under build/). LAYERS=4 for a quick one.
 LAYERS ?=
 .PHONY: bench-fullsize
-bench-fullsize: $(VENV_READY) $(LLAMA_READY) ## Full-size rehearsal: every stage's time, memory, disk
-	$(PY) bench/fullsize.py $(if $(LAYERS),--layers $(LAYERS))
+bench-fullsize: $(VENV_READY) $(LLAMA_READY) ## Full-size rehearsal: every stage's time, memory, disk (FAMILY=qwen3: Qwen3-4B)
+	$(PY) bench/fullsize.py --family $(FAMILY) $(if $(LAYERS),--layers $(LAYERS))
 
 .PHONY: clean
 clean: ## Remove build outputs of this clone (keeps the venv and the llama.cpp cache)

@@ -3,7 +3,8 @@
 A 3.8B model on a 16 GB machine used to swap or be killed half way, after
 minutes of work. Each heavy stage now first estimates its peak anonymous
 memory and its extra disk from the model's shape (config.json: layers,
-hidden, intermediate and vocabulary sizes) and the config, with the same
+hidden, intermediate and vocabulary sizes, query and KV heads, head_dim, a
+tied head; the family's extra weights and LoRA targets) and the config, with the same
 figures bench/fullsize.py prints beside what it measures, and stops with
 a ResourceError naming the stage, the need, what the machine has and the
 config keys that lower it when the machine clearly lacks them. Nothing is
@@ -27,6 +28,7 @@ from huggingface_hub import try_to_load_from_cache
 from .config import Config
 from .constants import LONG_CONTEXT_PROBE
 from .errors import PipelineError
+from .families import BY_NAME, family_of
 from .modeldir import config_context_lengths
 
 GB = 1e9
@@ -36,10 +38,17 @@ RUNTIME = 0.9 * GB
 # Bytes per parameter of each stored or computed form.
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "f32": 4, "f16": 2, "bf16": 2, "q8_0": 1.0625}
 NF4_BYTES = 0.5 + 4 / 64  # 4-bit codes + one float32 absmax per 64 (double quant stores less)
-TRAIN_LOAD_FACTOR = 1.45  # train's resident weights over their stored size, measured at full size
-# quantize's gate holds more beside llama.cpp's KV cache and logits than convert's (measured at
-# full size: 3.50 GB where RUNTIME + served_gate_memory gave 3.04)
+TRAIN_LOAD_FACTOR = 1.45  # train's resident NF4 layers over their stored size, measured at full size
+# quantize's gate holds more beside llama.cpp's KV cache, scores and logits than convert's
+# (measured at Phi-3.5-mini's full size: 3.50 GB where RUNTIME + served_gate_memory gives 3.18)
 QUANTIZE_GATE_FACTOR = 1.25
+# llama-cpp-python's n_batch and n_ubatch, which the fidelity gate leaves at their defaults: the
+# rows of attention scores and of logits llama.cpp computes at once.
+LLAMA_BATCH = 512
+# The converter's bytes per parameter of the tensor it holds: a float32 copy and its f16
+# conversion, with the converter's own interpreter (measured 3.2 GB with the stage's process for
+# Qwen3-4B's 389M-parameter embeddings, 2.5 GB of it the converter's).
+CONVERTER_BYTES = 7
 QUANT_BPW = 6.0  # bits per weight, an upper bound for the k-quants up to Q5 (Q6_K 6.56, Q8_0 8.5)
 
 LOWER_MEMORY = {
@@ -62,25 +71,94 @@ class ResourceError(PipelineError):
     """The machine clearly lacks the memory or disk a stage needs."""
 
 
+# What a family's decoder layer holds beyond what config.json says (transformers'
+# modeling_<family>.py): biases on q/k/v whatever attention_bias says (Qwen2), an RMSNorm over
+# each head's q and k (Qwen3, Gemma-3), RMSNorms per layer (Gemma-3's four: before and after
+# attention and the MLP), a vocabulary size when config.json has none (Gemma-3's text models).
+# Family facts: their place is the family's entry in pipeline/families.py once it has such fields.
+@dataclass(frozen=True)
+class Architecture:
+    qkv_bias: bool | None = None  # None: config.json's attention_bias, on q/k/v and o (Llama, Qwen3, Gemma-3)
+    qk_norm: bool = False
+    norms_per_layer: int = 2
+    default_vocab: int | None = None
+
+
+ARCHITECTURES = {
+    "phi3": Architecture(qkv_bias=False),
+    "llama3": Architecture(),
+    "qwen2": Architecture(qkv_bias=True),
+    "qwen3": Architecture(qk_norm=True),
+    "gemma3": Architecture(qk_norm=True, norms_per_layer=4, default_vocab=262208),
+}
+
+
 @dataclass(frozen=True)
 class Shape:
+    """A base's size, from its config.json: a decoder of `layers` layers, each attention with
+    `heads` query heads and `kv_heads` key/value heads of `head_dim` (grouped-query attention
+    where fewer), and a gated MLP (gate, up, down); the embeddings and a head, tied or not."""
+
     layers: int
     hidden: int
     intermediate: int
     vocab: int
     tied: bool
+    heads: int
+    kv_heads: int
+    head_dim: int
+    family: str  # pipeline.families' name: its default LoRA targets and ARCHITECTURES entry
+    attention_bias: bool = False  # config.json's (Llama, Qwen3, Gemma-3: q, k, v and o)
+    mlp_bias: bool = False  # config.json's (Llama)
     context: int = 4096  # the original context (original_max_position_embeddings, else max positions)
 
     @classmethod
     def of(cls, config: dict) -> Shape:
+        """Errors: UnsupportedBaseError (a ValueError) for a family the pipeline refuses or does not know;
+        KeyError or ValueError for a config.json without the sizes."""
+        family = family_of(config)
+        arch = ARCHITECTURES[family.name]
+        heads, hidden = int(config["num_attention_heads"]), int(config["hidden_size"])
         lengths = config_context_lengths(config)
-        return cls(int(config["num_hidden_layers"]), int(config["hidden_size"]), int(config["intermediate_size"]),
-                   int(config["vocab_size"]), bool(config.get("tie_word_embeddings", False)),
-                   lengths[0] if lengths else 4096)
+        return cls(layers=int(config["num_hidden_layers"]), hidden=hidden,
+                   intermediate=int(config["intermediate_size"]),
+                   vocab=int(config.get("vocab_size") or arch.default_vocab),
+                   tied=bool(config.get("tie_word_embeddings", False)),
+                   heads=heads, kv_heads=int(config.get("num_key_value_heads") or heads),
+                   head_dim=int(config.get("head_dim") or hidden // heads), family=family.name,
+                   attention_bias=bool(config.get("attention_bias", False)),
+                   mlp_bias=bool(config.get("mlp_bias", False)),
+                   context=lengths[0] if lengths else 4096)
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of a layer's K (and of its V): what the KV cache holds per token and layer."""
+        return self.kv_heads * self.head_dim
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear layer of a decoder layer, by PEFT's module names: the
+        split projections, and Phi-3's fused qkv_proj and gate_up_proj."""
+        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_dim
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "qkv_proj": (h, q + 2 * kv),
+                "o_proj": (q, h), "gate_proj": (h, i), "up_proj": (h, i), "gate_up_proj": (h, 2 * i),
+                "down_proj": (i, h)}
 
     @property
     def layer_params(self) -> int:
-        return 4 * self.hidden**2 + 3 * self.hidden * self.intermediate  # qkv + o, gate_up + down
+        arch = ARCHITECTURES[self.family]
+        dims = self.linears()
+        weights = sum(a * b for a, b in (dims[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                            "gate_proj", "up_proj", "down_proj")))
+        q, kv = self.heads * self.head_dim, self.kv_dim
+        biases = 0
+        if arch.qkv_bias:  # Qwen2: q, k and v, never o
+            biases += q + 2 * kv
+        elif arch.qkv_bias is None and self.attention_bias:
+            biases += q + 2 * kv + self.hidden
+        if self.mlp_bias:
+            biases += 2 * self.intermediate + self.hidden
+        norms = arch.norms_per_layer * self.hidden + (2 * self.head_dim if arch.qk_norm else 0)
+        return weights + biases + norms
 
     @property
     def table_params(self) -> int:
@@ -88,7 +166,14 @@ class Shape:
 
     @property
     def params(self) -> int:
-        return self.layers * self.layer_params + self.table_params * (1 if self.tied else 2)
+        """Every parameter, as transformers counts them (a tied head once)."""
+        return self.layers * self.layer_params + self.hidden + self.table_params * (1 if self.tied else 2)
+
+    def lora_params(self, targets: list[str] | tuple[str, ...], r: int) -> int:
+        """LoRA's A and B of rank r on each target linear of every layer (PEFT matches a target by
+        the module's last name; names that are no linear of a layer add nothing here)."""
+        dims = self.linears()
+        return self.layers * r * sum(sum(dims[t]) for t in targets if t in dims)
 
 
 @dataclass(frozen=True)
@@ -111,17 +196,22 @@ def model_shape(cfg: Config, stage: str) -> Shape | None:
     try:
         return Shape.of(json.loads((folder / "config.json").read_text(encoding="utf-8")))
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return None  # check-config names what is wrong with the base
 
 
 def served_gate_memory(cfg: Config, shape: Shape) -> float:
     """What the convert and quantize gates allocate in llama.cpp at the served context
-    (fidelity.gate_contexts): the F16 KV cache (K and V of every layer, at most hidden wide) and
-    the bindings' float32 logits for every position. The GGUF itself is mapped, not counted."""
+    (fidelity.gate_contexts): the F16 KV cache (K and V of every layer, kv_dim wide), a batch's
+    float32 attention scores over the context and their softmax, and a batch's float32 logits in
+    llama.cpp's output buffer and the bindings' copy. The GGUF itself is mapped, and the bindings'
+    context-long logits array is written only where the gate's prompts are: neither is counted."""
     if not cfg.fidelity.enabled:
         return 0.0
     ctx = min(cfg.served_context, shape.context + LONG_CONTEXT_PROBE)
-    return ctx * shape.layers * shape.hidden * 2 * 2 + ctx * shape.vocab * 4
+    kv_cache = ctx * shape.layers * shape.kv_dim * 2 * 2
+    scores = LLAMA_BATCH * ctx * shape.heads * 4 * 2
+    logits = LLAMA_BATCH * shape.vocab * 4 * 2
+    return kv_cache + scores + logits
 
 
 def stage_needs(cfg: Config, stage: str, shape: Shape | None = None) -> Need:
@@ -132,16 +222,17 @@ def stage_needs(cfg: Config, stage: str, shape: Shape | None = None) -> Need:
     layer, table = shape.layer_params, shape.table_params
     if stage == "train":
         nf4 = cfg.train.quantization != "none"
-        weights = shape.layers * layer * (NF4_BYTES if nf4 else 4) + table * 4 * (1 if shape.tied else 2)
-        lora = shape.layers * cfg.train.lora.r * (4 * shape.hidden + 3 * shape.hidden + 2 * shape.intermediate
-                                                   + 3 * shape.hidden + shape.hidden) * 4
+        layers = shape.layers * layer * (NF4_BYTES if nf4 else 4)
+        tables = table * 4 * (1 if shape.tied else 2)  # float32, never quantized
+        targets = cfg.train.lora.target_modules or BY_NAME[shape.family].lora_targets
+        lora = shape.lora_params(targets, cfg.train.lora.r) * 4
         tokens = cfg.data.max_length * cfg.train.batch_size
         depth = 1 if cfg.train.gradient_checkpointing else shape.layers
         activations = tokens * (shape.vocab * 16 + depth * (12 * shape.hidden + 4 * shape.intermediate) * 4)
         checkpoints = lora * 3 * (cfg.train.steps // cfg.train.save_every + 1)
         # loading through bitsandbytes and the allocator's retained pages keep more than the
-        # weights: measured 5.5 GB at full size where the terms above sum to 4.3 (bench/fullsize.py)
-        return Need(RUNTIME + weights * TRAIN_LOAD_FACTOR + lora * 4 + activations, checkpoints)
+        # NF4 layers' size (bench/fullsize.py)
+        return Need(RUNTIME + layers * TRAIN_LOAD_FACTOR + tables + lora * 4 + activations, checkpoints)
     if stage == "fuse":
         out = shape.params * BYTES[cfg.fuse.dtype]
         if not cfg.fidelity.enabled and cfg.fuse.merge_base != "auto":
@@ -154,11 +245,11 @@ def stage_needs(cfg: Config, stage: str, shape: Shape | None = None) -> Need:
         layers = min(shape.layers, cfg.fidelity.f32_slice_layers)
         sliced = (layers * layer + table * (1 if shape.tied else 2)) * (2 + 4)  # slice folder + its f32 GGUF
         # the converter holds a tensor in float32 and its conversion; then the gate's llama.cpp
-        return Need(RUNTIME + max(max(layer, table) * 6, served_gate_memory(cfg, shape)),
+        return Need(RUNTIME + max(max(layer, table) * CONVERTER_BYTES, served_gate_memory(cfg, shape)),
                     max(out, sliced if cfg.fidelity.compare_f32 else 0))
     if stage == "imatrix":
         ctx = cfg.gguf.imatrix.ctx
-        return Need(RUNTIME + ctx * shape.layers * shape.hidden * 2 * 2 + ctx * shape.vocab * 4 * 2, 64 * 2**20)
+        return Need(RUNTIME + ctx * shape.layers * shape.kv_dim * 2 * 2 + ctx * shape.vocab * 4 * 2, 64 * 2**20)
     if stage == "quantize":
         gate = served_gate_memory(cfg, shape) * QUANTIZE_GATE_FACTOR
         return Need(RUNTIME + max(max(layer, table) * 4 * 3, gate), shape.params * QUANT_BPW / 8)

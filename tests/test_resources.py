@@ -1,20 +1,23 @@
 """Say so before it fails: a stage the machine clearly cannot hold is refused before it writes
-anything, naming the stage, the need, what is available and the keys that lower it; and the
-estimates are the figures bench/fullsize.py prints, which its smoke run checks stay close."""
+anything, naming the stage, the need, what is available and the keys that lower it; the
+estimates count each family's parameters as transformers does; and they are the figures
+bench/fullsize.py prints (its smoke run, tests/test_bench.py, checks they stay close)."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
+from bench.fullsize import bound_for
 from conftest import REPO, small_config, write_config
 from pipeline.config import load_config
-from pipeline.phi35 import FULL_SIZE, phi35_config
-from pipeline.resources import GB, Shape, stage_needs
+from pipeline.families import BY_NAME
+from pipeline.fullshape import REAL_MODELS
+from pipeline.resources import Shape, stage_needs
 
 
 def cli(*argv, env=None):
@@ -62,33 +65,86 @@ def test_a_bad_limit_is_named(fused_run, tmp_path):
     assert proc.returncode == 1 and "AGIASI_MEMORY_LIMIT='lots': expected a number of bytes" in proc.stderr
 
 
-def test_full_size_needs_fit_the_bounds_the_bench_checks():
-    """At Phi-3.5-mini's shape with config.yaml's settings the estimates sit inside issue 12's
-    bounds (fuse 3 GB, convert 4 GB, others 6 GB), and convert's disk is the f16 GGUF's."""
+# Each family's real shape, as config.json has it: the rehearsal's bases (pipeline.fullshape, with
+# the tokenizer's ids), and transformers' config classes at the sizes of Llama-3.2-1B, Qwen2.5-0.5B
+# (q/k/v biases) and gemma-3-1b (four norms a layer, no vocab_size in config.json).
+IDS = {"<s>": 1, "<|endoftext|>": 32000, "<|end|>": 32007, "<|assistant|>": 32001, "<|im_end|>": 151645}
+
+
+def real_config(family, tied):
+    real = REAL_MODELS[family]
+    return real.config(real.full_size, tied, {**IDS, "<|endoftext|>": 151643} if family == "qwen3" else IDS)
+
+
+def class_config(family):
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
+
+    if family == "llama3":
+        hf = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)
+        return {**hf.to_dict(), "architectures": ["LlamaForCausalLM"]}
+    if family == "qwen2":
+        hf = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
+        return {**hf.to_dict(), "architectures": ["Qwen2ForCausalLM"]}
+    hf = Gemma3TextConfig(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+                          num_key_value_heads=1, head_dim=256)
+    config = {**hf.to_dict(), "architectures": ["Gemma3ForCausalLM"]}
+    del config["vocab_size"]  # as gemma-3's config.json: transformers' default, 262208 rows
+    return config
+
+
+SHAPES = {**{f"{f}-{'tied' if t else 'untied'}": (lambda f=f, t=t: real_config(f, t))
+             for f in ("phi3", "qwen3") for t in (False, True)},
+          **{f: (lambda f=f: class_config(f)) for f in ("llama3", "qwen2", "gemma3")}}
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_the_estimates_count_what_transformers_and_peft_build(name):
+    """Shape.params is the parameter count of transformers' model of that config.json, and
+    lora_params is what PEFT adds on the family's default targets: GQA, head_dim, q/k norms,
+    biases and a tied head counted as the model holds them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = SHAPES[name]()
+    shape = Shape.of(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+        assert shape.params == sum(p.numel() for p in model.parameters())
+        targets = BY_NAME[shape.family].lora_targets
+        peft = get_peft_model(model, LoraConfig(r=16, target_modules=list(targets)))
+    assert shape.lora_params(targets, 16) == sum(p.numel() for p in peft.parameters() if p.requires_grad)
+
+
+def test_qwen3_4b_shape_is_the_real_one():
+    """Qwen3-4B: 4.02B parameters tied (3.6B outside the embeddings, as its model card says), GQA
+    with 8 KV heads of 128, so the KV cache is 1024 wide, not hidden_size's 2560."""
+    shape = Shape.of(real_config("qwen3", True))
+    assert shape.params == 4_022_468_096 and 3.6e9 < shape.params - shape.table_params < 3.65e9
+    assert (shape.heads, shape.kv_heads, shape.head_dim, shape.kv_dim) == (32, 8, 128, 1024)
+    assert shape.context == 40960 and shape.family == "qwen3"
+
+
+STAGES = ("train", "fuse", "convert", "imatrix", "quantize")
+# Measured at Qwen3-4B's full size (bench/fullsize.py --family qwen3, 2 cores, 24 GB): train 6.59 GB
+# (bound 6), fuse 5.63 GB (bound 3.5; 3.88 GB since 497e0ef); the estimates (6.64 at the bench's 256
+# tokens, 5.96) say so before the stage starts. They come down with the stages.
+UNMET = {("qwen3", "train"): "train measured 6.59 GB at Qwen3-4B's size, bound 6 GB",
+         ("qwen3", "fuse"): "fuse measured 3.88 GB at Qwen3-4B's size, bound 3.5 GB"}
+
+
+@pytest.mark.parametrize("family,stage", [
+    pytest.param(f, s, marks=pytest.mark.xfail(strict=True, reason=UNMET[f, s]) if (f, s) in UNMET else ())
+    for f in ("phi3", "qwen3") for s in STAGES])
+def test_full_size_needs_fit_the_bounds_the_bench_checks(family, stage):
+    """At the real model's shape with config.yaml's settings the estimate sits inside the bound
+    bench/fullsize.py checks (fuse 3 GB for Phi-3.5-mini, 3.5 GB for Qwen3-4B; convert 4 GB;
+    others 6 GB), and convert's disk is the f16 GGUF's."""
     cfg = load_config(REPO / "config.yaml")
-    shape = Shape.of(phi35_config(**FULL_SIZE, token_ids={"bos": 1, "eos": 32000}))
-    assert 3.7e9 < shape.params < 3.9e9
-    needs = {s: stage_needs(cfg, s, shape) for s in ("train", "fuse", "convert", "imatrix", "quantize")}
-    assert needs["fuse"].memory <= 3 * GB and needs["convert"].memory <= 4 * GB
-    assert all(n.memory <= 6 * GB for n in needs.values())
-    assert needs["convert"].disk == pytest.approx(shape.params * 2)
-
-
-@pytest.mark.slow
-def test_fullsize_bench_smoke(tmp_path):
-    """bench/fullsize.py at a tiny width: the whole chain through the CLI, data first, each stage measured."""
-    proc = subprocess.run([sys.executable, "bench/fullsize.py", "--smoke", "--work", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((tmp_path / "fullsize.json").read_text())
-    stages = [r["stage"] for r in result["rows"]]
-    assert stages[:4] == ["data", "train", "fuse", "convert"] and stages[-1].startswith("quantize")
-    for row in result["rows"]:
-        assert row["rc"] == 0 and row["peak_anon"] > 50e6 and row["wall_s"] > 0
-        if row["stage"] == "data":  # no preflight; what it left is the prepared dataset
-            assert row["estimate_memory"] is None and row["output"] > 0
-            continue
-        # the preflight estimate is an upper bound of what the stage really took, and not a wild one
-        assert row["peak_anon"] <= row["estimate_memory"] <= 4 * row["peak_anon"] + 1e9, row
-    assert {"fuse", "convert:f32", "convert"} <= set(result["fidelity"])
-    assert "| fuse |" in proc.stdout
+    shape = Shape.of(real_config(family, REAL_MODELS[family].tied))
+    assert {"phi3": 3.7e9 < shape.params < 3.9e9, "qwen3": 4.0e9 < shape.params < 4.1e9}[family]
+    need = stage_needs(cfg, stage, shape)
+    if stage == "convert":
+        assert need.disk == pytest.approx(shape.params * 2)
+    assert need.memory <= bound_for(family, stage), need
