@@ -24,10 +24,12 @@ import yaml
 from huggingface_hub import try_to_load_from_cache
 from pydantic import BaseModel, ConfigDict, Field
 
+from .basetokenizer import TOKENIZER_FILES, stop_problems, tokenizer_problems
 from .constants import CHECKPOINT_MARKER, FUSION_MARKER, GGML_WEIGHT_TYPES, PREPARED_MARKER, QUANT_TYPES, SOUL_BLOCK
 from .errors import BadInputError
 from .families import Family, UnsupportedBaseError, family_of, gguf_name
 from .modeldir import SAFETENSORS_INDEX, context_lengths, folder_problems, is_lfs_pointer, lfs_pointer_problem, tensor_names
+from .modelfiles import MODELFILES, family_spec
 from .ollama_rules import name_problem, option_problem
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -540,6 +542,7 @@ def _check_values(cfg: Config) -> list[str]:
     if cfg.base_is_local():
         problems.extend(_check_local_base(cfg.resolve(cfg.model.base)))
     problems.extend(_check_lora_targets(cfg))
+    problems.extend(_check_base_tokenizer(cfg))
     problems.extend(context_problems(cfg))
     return problems
 
@@ -626,6 +629,29 @@ def modelfile_family(cfg: Config) -> str | None:
     return family.modelfile if family else None
 
 
+def chat_format_stops(cfg: Config) -> tuple[list[str], str] | None:
+    """The chat format's stops and where they come from (ollama.stop, or the Modelfile of
+    ollama.family or of the base's family); None when that Modelfile is not known or missing
+    (_check_paths reports a missing one)."""
+    if cfg.ollama.stop is not None:
+        return list(cfg.ollama.stop), "ollama.stop"
+    family = modelfile_family(cfg)
+    if family is None or not (MODELFILES / f"{family}.Modelfile").is_file():
+        return None
+    chosen = "ollama.family" if cfg.ollama.family is not None else "the base's family's default"
+    return family_spec(family)[1], f"modelfiles/{family}.Modelfile ({chosen})"
+
+
+def _check_base_tokenizer(cfg: Config) -> list[str]:
+    """The base's tokenizer files at hand (model_files) against what llama.cpp can serve and
+    against the chat format's end-of-turn stop (pipeline.basetokenizer)."""
+    files = model_files(cfg, TOKENIZER_FILES)
+    if not files:
+        return []
+    stops = chat_format_stops(cfg)
+    return tokenizer_problems(files) + (stop_problems(files, *stops) if stops else [])
+
+
 def original_context(cfg: Config) -> tuple[int, int, Path] | None:
     """(original context, max positions, config.json read) of the served model, or None when
     no config.json is at hand yet (modeldir.context_lengths)."""
@@ -693,8 +719,8 @@ def _check_paths(cfg: Config) -> list[str]:
             problems.append(f"{key}: {path} lies inside the run folder {run_dir}, "
                             "whose contents the pipeline replaces and deletes")
     family = modelfile_family(cfg)
-    if cfg.ollama.template is None and family and not (PROJECT_DIR / "modelfiles" / f"{family}.Modelfile").is_file():
-        known = sorted(p.stem for p in (PROJECT_DIR / "modelfiles").glob("*.Modelfile"))
+    if cfg.ollama.template is None and family and not (MODELFILES / f"{family}.Modelfile").is_file():
+        known = sorted(p.stem for p in MODELFILES.glob("*.Modelfile"))
         problems.append(f"ollama.family: no template modelfiles/{family}.Modelfile "
                         f"(known: {', '.join(known)})")
     return problems

@@ -100,8 +100,9 @@ FAMILIES: tuple[Family, ...] = (
         ollama_template="llama3-instruct",
         gguf_template_wins=True,  # Llama-3.1+'s template supports tools
         extra_gguf_tensors=("rope_freqs.weight",),  # rope_scaling "llama3" factors (conversion/llama.py)
-        notes=("llm-jp-3 and sarashina2 are LlamaForCausalLM with chat formats of their own: they need "
-               "ollama.template and ollama.stop (registration's prompt check catches a mismatch)",),
+        notes=("llm-jp-3 and sarashina2 are LlamaForCausalLM on SentencePiece Unigram vocabularies, which the "
+               "pinned llama.cpp cannot serve as transformers tokenizes them: refused at check-config from the "
+               "base's tokenizer files (pipeline/basetokenizer.py)",),
     ),
     Family(
         name="qwen2",

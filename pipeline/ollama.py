@@ -33,27 +33,8 @@ from .config import Config, modelfile_family
 from .errors import OllamaError
 from .formats import validate_gguf
 from .goproxy import is_loopback, proxy_for
+from .modelfiles import family_spec
 from .ollama_rules import MIN_OLLAMA_VERSION, connect_url, display_shortest, parse_host, typed_option, version_tuple
-
-MODELFILES = Path(__file__).resolve().parent.parent / "modelfiles"
-
-
-def family_template(family: str) -> str:
-    path = MODELFILES / f"{family}.Modelfile"
-    if not path.is_file():
-        known = sorted(p.stem for p in MODELFILES.glob("*.Modelfile"))
-        raise OllamaError(f"ollama.family: no template {path.name} in modelfiles/ (known: {', '.join(known)})")
-    return path.read_text(encoding="utf-8")
-
-
-def family_spec(family: str) -> tuple[str, list[str]]:
-    """The TEMPLATE text and the stop strings of a family's Modelfile fragment."""
-    text = family_template(family)
-    template = re.search(r'^TEMPLATE """(.*?)"""', text, re.S | re.M)
-    if template is None:
-        raise OllamaError(f"modelfiles/{family}.Modelfile: no TEMPLATE \"\"\"...\"\"\" block")
-    stops = re.findall(r'^PARAMETER stop "(.*)"$', text, re.M)
-    return template.group(1), stops
 
 
 def chat_format(cfg: Config) -> tuple[str, list[str]]:

@@ -16,7 +16,8 @@ from pathlib import Path
 from .artifacts import write_if_changed
 from .config import STAGE_INPUTS, Config, make_path, modelfile_family, stage_inputs_json
 from .integrity import sweep
-from .ollama import MODELFILES, primary_quantization, stamp_follows_server
+from .modelfiles import MODELFILES
+from .ollama import primary_quantization, stamp_follows_server
 
 # Files of a local base model whose change means training must run again.
 BASE_FILE_PATTERNS = ("config.json", "*.safetensors", "tokenizer*", "*.jinja", "generation_config.json")

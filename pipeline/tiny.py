@@ -47,6 +47,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from . import unigram
 from .artifacts import atomic_dir
 from .vocab import REAL_VOCABULARIES, chat_template, gguf_merges, gguf_token_table, hf_tokenizer_json
 
@@ -57,7 +58,7 @@ LOGIT_STD = 4.0
 CONSTANT_JITTER = 0.1
 
 # SentencePiece's piece types (sentencepiece_model.proto), which llama.cpp's token types follow.
-_SP_NORMAL, _SP_UNKNOWN, _SP_CONTROL, _SP_BYTE = 1, 2, 3, 6
+_SP_NORMAL, _SP_UNKNOWN, _SP_CONTROL, _SP_USER, _SP_BYTE = 1, 2, 3, 4, 6
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -545,6 +546,107 @@ def _write_gemma3_tokenizer(folder: Path) -> dict[str, int]:
     return {tokens[i]: i for i in specials}
 
 
+# ---- SentencePiece Unigram Llama bases: llm-jp-3 and sarashina2 (refused) ------------------
+
+# Both are LlamaForCausalLM on SentencePiece Unigram vocabularies with byte fallback, which the
+# pinned llama.cpp cannot serve as transformers tokenizes them (pipeline/basetokenizer.py says why;
+# tests/test_unigram_bases.py shows it). Their test bases exist so that check-config's refusal is
+# tested on the files the real ones ship. The vocabulary is pipeline.unigram's, trained on data/:
+# none of these ships in the pinned llama.cpp's models/.
+
+# llm-jp-tokenizer v3's special pieces after <unk> <s> </s> (ids 3..7), control pieces in its
+# SentencePiece model; the 256 byte pieces follow (8..263).
+LLMJP_SPECIALS = ("<MASK|LLM-jp>", "<PAD|LLM-jp>", "<CLS|LLM-jp>", "<SEP|LLM-jp>", "<EOD|LLM-jp>")
+# llm-jp-3-*-instruct's chat template: Alpaca-style "### 指示:" / "### 応答:" turns, a fixed Japanese
+# preamble in place of any system message, </s> after each answer. As published copies of its
+# tokenizer_config.json's chat_template have it (read in public code; the hub is out of reach here).
+LLMJP3_CHAT_TEMPLATE = (
+    "{{bos_token}}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '\\n\\n### 指示:\\n' + message['content'] }}{% elif message['role'] == 'system' %}"
+    "{{ '以下は、タスクを説明する指示です。要求を適切に満たす応答を書きなさい。' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '\\n\\n### 応答:\\n' + message['content'] + eos_token }}"
+    "{% endif %}{% if loop.last and add_generation_prompt %}{{ '\\n\\n### 応答:\\n' }}{% endif %}{% endfor %}")
+SARASHINA_ROLES = ("<|system|>", "<|user|>", "<|assistant|>")
+# sarashina2.2-*-instruct-v0.1's chat template: each turn is <|role|> + content + </s>, and the
+# generation prompt <|assistant|>. As published copies have it (read in public code, not the hub).
+SARASHINA22_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{%- if message['role'] == 'user' %}{{- '<|user|>' + message['content'] + eos_token -}}"
+    "{%- elif message['role'] == 'system' %}{{- '<|system|>' + message['content'] + eos_token -}}"
+    "{%- elif message['role'] == 'assistant' %}{{- '<|assistant|>' + message['content'] + eos_token -}}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|assistant|>' -}}{%- endif %}")
+# Rows of the tiny bases' embeddings and head: the ~1700 pieces padded, as the real ones pad theirs.
+UNIGRAM_ROWS = 2048
+
+
+def _unigram_ids(model) -> dict[str, int]:
+    """The ids of the special pieces of a trained Unigram model, checked to fit UNIGRAM_ROWS."""
+    if len(model.pieces) > UNIGRAM_ROWS:
+        raise ValueError(f"the Unigram vocabulary has {len(model.pieces)} pieces, more than {UNIGRAM_ROWS} rows")
+    return {p.piece: i for i, p in enumerate(model.pieces) if p.type in (_SP_UNKNOWN, _SP_CONTROL, _SP_USER)}
+
+
+def _write_llmjp3_tokenizer(folder: Path) -> dict[str, int]:
+    """llm-jp-3's tokenizer files: tokenizer.json only (no tokenizer.model), in the layout of
+    llm-jp-tokenizer's HF conversion (a Unigram model with byte fallback; the normalizer writes the
+    dummy prefix at the start of the text, not after a newline, and spaces as "▁"; no
+    pre-tokenizer), a <s> put first, tokenizer_config.json as llm-jp-tokenizer v3's, and the chat template."""
+    model = unigram.train_unigram(control=LLMJP_SPECIALS)
+    ids = _unigram_ids(model)
+    specials = sorted(ids.values())
+    normalizer = {"type": "Sequence", "normalizers": [
+        {"type": "Replace", "pattern": {"Regex": "(?<!\\n)^"}, "content": unigram.SPACE},
+        {"type": "Replace", "pattern": {"Regex": " "}, "content": unigram.SPACE}]}
+    unigram.unigram_tokenizer(model, normalizer, _bos_template(BOS, ids[BOS]), specials).save(
+        str(folder / "tokenizer.json"), pretty=True)
+    _write_json(folder / "tokenizer_config.json", {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": {str(i): _added_token(model.pieces[i].piece) for i in specials},
+        "bos_token": BOS, "cls_token": "<CLS|LLM-jp>", "eos_token": EOS, "mask_token": "<MASK|LLM-jp>",
+        "pad_token": "<PAD|LLM-jp>", "sep_token": "<SEP|LLM-jp>", "unk_token": UNK,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 4096,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    })
+    _write_json(folder / "special_tokens_map.json", {
+        "bos_token": _token_entry(BOS), "eos_token": _token_entry(EOS), "pad_token": _token_entry("<PAD|LLM-jp>"),
+        "unk_token": _token_entry(UNK)})
+    (folder / "chat_template.jinja").write_text(LLMJP3_CHAT_TEMPLATE, encoding="utf-8")
+    return ids
+
+
+def _write_sarashina2_tokenizer(folder: Path) -> dict[str, int]:
+    """sarashina2's tokenizer files: the SentencePiece Unigram tokenizer.model (the role tokens as
+    user-defined pieces), tokenizer_config.json naming LlamaTokenizer, a tokenizer.json of the same
+    Unigram model in Llama-2's layout (dummy prefix and "▁" by the normalizer, <s> first) and
+    sarashina2.2-instruct's chat template."""
+    model = unigram.train_unigram(user_defined=SARASHINA_ROLES)
+    ids = _unigram_ids(model)
+    specials = sorted(ids.values())
+    (folder / "tokenizer.model").write_bytes(model.SerializeToString(deterministic=True))
+    normalizer = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": unigram.SPACE},
+        {"type": "Replace", "pattern": {"String": " "}, "content": unigram.SPACE}]}
+    unigram.unigram_tokenizer(model, normalizer, _bos_template(BOS, ids[BOS]), specials).save(
+        str(folder / "tokenizer.json"), pretty=True)
+    _write_json(folder / "tokenizer_config.json", {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": {str(i): _added_token(model.pieces[i].piece) for i in specials},
+        "bos_token": BOS, "eos_token": EOS, "pad_token": UNK, "unk_token": UNK,
+        "clean_up_tokenization_spaces": False,
+        "legacy": False,
+        "model_max_length": 8192,
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+    })
+    _write_json(folder / "special_tokens_map.json", {
+        "bos_token": _token_entry(BOS), "eos_token": _token_entry(EOS), "pad_token": _token_entry(UNK),
+        "unk_token": _token_entry(UNK)})
+    (folder / "chat_template.jinja").write_text(SARASHINA22_CHAT_TEMPLATE, encoding="utf-8")
+    return ids
+
+
 # ---- the model ------------------------------------------------------------------------------
 
 
@@ -688,6 +790,35 @@ def _gemma3_generation(ids: dict[str, int]) -> GenerationConfig:
                             pad_token_id=ids[GEMMA_PAD])
 
 
+def _unigram_llama_config(ids: dict[str, int], shape: _Shape, max_positions: int) -> LlamaConfig:
+    """A plain Llama-2-style LlamaConfig (RoPE theta 1e4, no scaling, rms_norm_eps 1e-5, bos <s>,
+    eos </s>) of UNIGRAM_ROWS rows: the layout llm-jp-3 and sarashina2 share. Only the tokenizer
+    matters to what their test bases test (they are refused before training)."""
+    return LlamaConfig(
+        vocab_size=UNIGRAM_ROWS,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        head_dim=shape.hidden_size // shape.num_heads,
+        hidden_act="silu",
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=shape.tie_word_embeddings,
+        bos_token_id=ids[BOS],
+        eos_token_id=ids[EOS],
+        dtype="float32",
+    )
+
+
+def _unigram_generation(ids: dict[str, int]) -> GenerationConfig:
+    return GenerationConfig(bos_token_id=ids[BOS], eos_token_id=ids[EOS])
+
+
 @dataclass(frozen=True)
 class TinyFamily:
     """How to build one family's tiny base: the real model it scales down and the default shape.
@@ -727,12 +858,33 @@ FAMILIES: dict[str, TinyFamily] = {
 }
 
 
+# Test bases of LlamaForCausalLM models the pipeline refuses at check-config (pipeline/basetokenizer.py),
+# built like the families' so that the refusal is tested on the files the real models ship.
+REFUSED_BASES: dict[str, TinyFamily] = {
+    "llmjp3": TinyFamily("llm-jp/llm-jp-3-1.8b-instruct", LlamaForCausalLM, _write_llmjp3_tokenizer,
+                         lambda ids, shape: _unigram_llama_config(ids, shape, 4096), _unigram_generation,
+                         intermediate_size=512, kv_group=1, tied=False),
+    "sarashina2": TinyFamily("sbintuitions/sarashina2.2-3b-instruct-v0.1", LlamaForCausalLM,
+                             _write_sarashina2_tokenizer, lambda ids, shape: _unigram_llama_config(ids, shape, 8192),
+                             _unigram_generation, intermediate_size=512, kv_group=1, tied=False),
+}
+
+
+def _spec(family: str) -> TinyFamily:
+    """The tiny base of a family (FAMILIES) or of a refused base (REFUSED_BASES). Errors: KeyError."""
+    spec = FAMILIES.get(family) or REFUSED_BASES.get(family)
+    if spec is None:
+        raise KeyError(f"no tiny model for family {family!r}; families: {', '.join(FAMILIES)}; "
+                       f"refused bases: {', '.join(REFUSED_BASES)}")
+    return spec
+
+
 def _write_tokenizer(folder: Path, family: str = "phi3") -> dict[str, int]:
     """Writes every tokenizer file of the family into folder; returns the ids of its special tokens.
 
     Errors: ToolchainError (pipeline.vocab) when the pinned llama.cpp source lacks the vocabulary
     or the chat template."""
-    return FAMILIES[family].write_tokenizer(folder)
+    return _spec(family).write_tokenizer(folder)
 
 
 def _randomize_constants(model: torch.nn.Module) -> None:
@@ -747,7 +899,7 @@ def _randomize_constants(model: torch.nn.Module) -> None:
 
 def _write_model(folder: Path, family: str, ids: dict[str, int], shape: _Shape, seed: int) -> None:
     """Writes config.json, generation_config.json and model.safetensors (float32) into folder."""
-    spec = FAMILIES[family]
+    spec = _spec(family)
     config = spec.config(ids, shape)
     # A private RNG stream: the caller's torch random state is left as it was.
     with torch.random.fork_rng(devices=[]):
@@ -798,7 +950,8 @@ def build_tiny(
     """Build a tiny random model folder of a family on its real tokenizer, offline and deterministically.
 
     Inputs: out_dir, the folder to create (its parent is created if missing; an existing out_dir is replaced,
-    but only once the new folder is complete); family, a key of FAMILIES; the model shape, each None taking
+    but only once the new folder is complete); family, a key of FAMILIES, or of REFUSED_BASES (llmjp3,
+    sarashina2: Llama bases on a Unigram vocabulary trained on data/, which check-config refuses); the model shape, each None taking
     the family's default (FAMILIES; hidden_size must split into num_heads heads of even size, except for
     qwen3 and gemma3, whose head_dim is fixed; KV heads follow the real model's grouping);
     tie_word_embeddings, whether lm_head shares the embedding matrix (default: as the real model);
@@ -807,7 +960,7 @@ def build_tiny(
     Outputs: out_dir, holding config.json, generation_config.json, model.safetensors (float32), the family's
     tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json; tokenizer.model for the
     SentencePiece families; added_tokens.json for phi3) and chat_template.jinja, loadable offline with
-    AutoModelForCausalLM and AutoTokenizer and convertible by llama.cpp's convert_hf_to_gguf.py. The same
+    AutoModelForCausalLM and AutoTokenizer and (but for REFUSED_BASES) convertible by llama.cpp's convert_hf_to_gguf.py. The same
     arguments give byte-identical files.
 
     Errors: KeyError for an unknown family; ValueError for a shape that does not divide into heads, a
@@ -815,9 +968,7 @@ def build_tiny(
     the vocabularies and templates) is not built; OSError when out_dir cannot be written. On any error
     out_dir is left as it was.
     """
-    if family not in FAMILIES:
-        raise KeyError(f"no tiny model for family {family!r}; families: {', '.join(FAMILIES)}")
-    spec = FAMILIES[family]
+    spec = _spec(family)
     shape = _shape(spec, family, hidden_size, intermediate_size, num_layers, num_heads, tie_word_embeddings)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as staging:

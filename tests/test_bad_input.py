@@ -288,6 +288,24 @@ CASES = [
     # -- the base model -------------------------------------------------------------
     Case("base-gemma2-architecture", lambda e: ["check-config", "--config", str(e.config(base=e.bases["gemma2"]))],
          ("Gemma2ForCausalLM", "drops lm_head.weight", "would vanish")),
+    # llm-jp-3 and sarashina2: Llama on SentencePiece Unigram vocabularies (pipeline/basetokenizer.py)
+    Case("base-llmjp3-unigram-tokenizer-json",
+         lambda e: ["check-config", "--config", str(e.config(base=e.bases["llmjp3"]))],
+         ("tokenizer.json holds a Unigram model", "no tokenizer.model", "get_vocab_base_pre",
+          "modelfiles/llama3.Modelfile (the base's family's default): its end-of-turn stop '<|eot_id|>'",
+          "ollama.template")),
+    Case("base-sarashina2-unigram-tokenizer-model",
+         lambda e: ["check-config", "--config", str(e.config(
+             base=e.bases["sarashina2"], ollama={"template": "{{ .Prompt }}", "stop": ["</s>", "<|user|>"]}))],
+         ("tokenizer.model is a SentencePiece Unigram model", "llm_tokenizer_spm")),
+    Case("chat-format-of-another-tokenizer",
+         lambda e: ["check-config", "--config", str(e.config(ollama={"family": "qwen2"}))],
+         ("modelfiles/qwen2.Modelfile (ollama.family): its end-of-turn stop '<|im_end|>' is no token",
+          "tokenizer.json", "ollama.stop")),
+    Case("custom-stop-of-another-tokenizer",
+         lambda e: ["check-config", "--config", str(e.config(
+             ollama={"template": "{{ .Prompt }}", "stop": ["### 指示:", "<|eot_id|>", "<|end|>"]}))],
+         ("ollama.stop: its end-of-turn stop '<|eot_id|>' is no token",)),
     Case("base-gpt2-architecture", lambda e: ["train", "--config", str(e.config(base=e.bases["gpt2"]))],
          ("GPT2LMHeadModel", "supported architectures: Phi3ForCausalLM, LlamaForCausalLM")),
     Case("base-hidden-36", lambda e: ["train", "--config", str(e.config(base=e.bases["hidden36"]))],
@@ -363,13 +381,16 @@ CASES = [
 @pytest.fixture(scope="module")
 def bases(tiny_phi3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Read-only base models: the tiny Phi-3, a tiny Gemma-2 (refused) and GPT-2 (unsupported), real
-    transformers folders with the Phi-3 tokenizer, and a real tiny Phi-3 of hidden size 36."""
+    transformers folders with the Phi-3 tokenizer, a real tiny Phi-3 of hidden size 36, and the tiny
+    llm-jp-3 and sarashina2 bases (refused: Unigram vocabularies)."""
     from transformers import Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel
 
-    from pipeline.tiny import build_tiny_phi3
+    from pipeline.tiny import REFUSED_BASES, build_tiny, build_tiny_phi3
 
     root = tmp_path_factory.mktemp("bases")
     out = {"phi3": tiny_phi3_dir, "hidden36": build_tiny_phi3(root / "hidden36", hidden_size=36, num_heads=2)}
+    out.update({name: build_tiny(root / name, name, hidden_size=32, intermediate_size=64)
+                for name in REFUSED_BASES})
     others = {
         "gemma2": Gemma2ForCausalLM(Gemma2Config(vocab_size=32064, hidden_size=32, intermediate_size=64,
                                                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
@@ -486,6 +507,8 @@ MAKE_CASES = [
          ("soul.warmup_steps + soul.anneal_steps",)),
     Case("make-gguf-gemma2-base", lambda e: ["gguf", str(e.config(base=e.bases["gemma2"]))],
          ("Gemma2ForCausalLM", "drops lm_head.weight")),
+    Case("make-gguf-llmjp3-base", lambda e: ["gguf", str(e.config(base=e.bases["llmjp3"]))],
+         ("tokenizer.json holds a Unigram model",)),
     Case("make-train-bad-jsonl", lambda e: ["train", str(e.jsonl(f"{GOOD_LINE}\nnot json\n"))],
          ("bad.jsonl:2: invalid JSON",)),
 ]

@@ -150,7 +150,7 @@ def test_phi3_names_its_gguf_as_llama_cpp_wants_and_others_keep_theirs():
 
 
 def test_every_supported_family_has_a_modelfile_and_lora_targets():
-    from pipeline.ollama import MODELFILES
+    from pipeline.modelfiles import MODELFILES
 
     names = [f.name for f in FAMILIES]
     assert len(set(names)) == len(names)
