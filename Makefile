@@ -127,7 +127,7 @@ ollama-run: ## Ask the registered model: make ollama-run PROMPT="..."
 monitor: ## Follow training live: step, phase, alpha, gate, loss, ETA
 plots: ## Plot alpha/gate with the phases, loss, orthogonality: reports/*.png
 eval: ## Held-out Japanese perplexity of every model: reports/eval.md
-serve: ## Serve POST /think (only <final>) and the dashboard on 127.0.0.1:8642
+serve: ## Serve /think, an OpenAI-compatible /v1 (only <final>) and the dashboard on 127.0.0.1:8642
 
 # Its tokenizer and chat template are the family's real ones, from the pinned llama.cpp's source
 # (Phi-3.5's for the default demo).

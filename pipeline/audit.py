@@ -1,21 +1,30 @@
-"""The thinking audit log, `<run>/audit/think.jsonl`: one line per /think request, hashes only.
+"""The thinking audit log, `<run>/audit/think.jsonl`: one line per request, hashes only.
 
 Each line is a JSON object with exactly these fields:
 
     time          when the request came in, UTC, ISO 8601 ("2026-12-02T17:30:00.123Z")
-    request_id    32 lower-case hex digits, the id the response carries
+    request_id    32 lower-case hex digits, the id the response carries (on /v1 the
+                  completion id is "chatcmpl-" + request_id, and every answer's
+                  x-request-id header)
+    api           "think" (POST /think) or "v1" (POST /v1/chat/completions)
     backend_model the model name sent to the backend
     stream        whether the client asked for a stream
     outcome       "ok", a thinking-filter problem (pipeline.thinking.PROBLEMS: no_final, ...),
-                  backend_unavailable, backend_timeout, backend_error, or cancelled
+                  backend_unavailable, backend_timeout, backend_error, cancelled, or busy
+                  (serve.max_concurrent requests were in flight: answered 429, never sent on)
     status        the HTTP status answered (a stream answers 200 and ends with its outcome)
-    prompt        {"sha256": hex, "length": UTF-8 bytes} of the prompt
-    system        the same of the system prompt, or null
+    prompt        {"sha256": hex, "length": UTF-8 bytes} of the prompt: on /think the prompt,
+                  on /v1 the conversation's non-system turns as compact JSON
+                  ([{"role","content"}, ...], pipeline.openai_api.ChatRequest.conversation)
+    system        the same of the system prompt (on /v1 the system turns joined by a blank
+                  line), or null
     final         the same of the answer sent, or null when none was
     thinking      {section name: {"sha256", "length"}}, every thinking section of the reply
 
 It never holds text: not the prompt, the answer, the thinking, nor the backend's messages.
 A stream that ended in an error records `final` null even when part of an answer went out.
+Lines written before the `api` field existed (all from /think) have every field but it, and
+still verify.
 
 `AuditLog.record` appends a line with one write() on a file opened O_APPEND, under a
 thread lock and an flock, then fsyncs: concurrent requests and processes never interleave
@@ -36,10 +45,12 @@ from pathlib import Path
 from .errors import BadInputError
 from .thinking import PROBLEMS, REASONING_FIELDS
 
-BACKEND_OUTCOMES = ("backend_unavailable", "backend_timeout", "backend_error", "cancelled")
+BACKEND_OUTCOMES = ("backend_unavailable", "backend_timeout", "backend_error", "cancelled", "busy")
 OUTCOMES = ("ok", *PROBLEMS, *BACKEND_OUTCOMES)
-FIELDS = ("time", "request_id", "backend_model", "stream", "outcome", "status",
+APIS = ("think", "v1")
+FIELDS = ("time", "request_id", "api", "backend_model", "stream", "outcome", "status",
           "prompt", "system", "final", "thinking")
+_FIELDS_BEFORE_API = set(FIELDS) - {"api"}
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 _TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -64,11 +75,11 @@ def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-def entry(*, time: str, request_id: str, backend_model: str, stream: bool, outcome: str, status: int,
+def entry(*, time: str, request_id: str, api: str, backend_model: str, stream: bool, outcome: str, status: int,
           prompt: str, system: str | None, final: str | None, sections: dict[str, str]) -> dict:
     """One log line's object: the texts given here leave only as digests."""
     return {
-        "time": time, "request_id": request_id, "backend_model": backend_model, "stream": stream,
+        "time": time, "request_id": request_id, "api": api, "backend_model": backend_model, "stream": stream,
         "outcome": outcome, "status": status, "prompt": digest(prompt),
         "system": None if system is None else digest(system),
         "final": None if final is None else digest(final),
@@ -123,8 +134,9 @@ def entry_problems(obj) -> list[str]:
     """What makes obj no audit entry ([] when it is one): fields, types, digests, no text."""
     if not isinstance(obj, dict):
         return ["not a JSON object"]
-    if set(obj) != set(FIELDS):
-        missing, extra = sorted(set(FIELDS) - set(obj)), sorted(set(obj) - set(FIELDS))
+    expected = set(FIELDS) if "api" in obj else _FIELDS_BEFORE_API
+    if set(obj) != expected:
+        missing, extra = sorted(expected - set(obj)), sorted(set(obj) - expected)
         return [("missing " + ", ".join(missing) if missing else "") +
                 ("; " if missing and extra else "") + ("unknown fields " + ", ".join(extra) if extra else "")]
     problems = []
@@ -132,6 +144,7 @@ def entry_problems(obj) -> list[str]:
         ("time", isinstance(obj["time"], str) and _TIME.fullmatch(obj["time"]), "an ISO 8601 UTC time"),
         ("request_id", isinstance(obj["request_id"], str) and _REQUEST_ID.fullmatch(obj["request_id"]),
          "32 lower-case hex digits"),
+        ("api", obj.get("api", "think") in APIS, "one of " + ", ".join(APIS)),
         ("backend_model", isinstance(obj["backend_model"], str) and obj["backend_model"], "a model name"),
         ("stream", isinstance(obj["stream"], bool), "true or false"),
         ("outcome", obj["outcome"] in OUTCOMES, "one of " + ", ".join(OUTCOMES)),

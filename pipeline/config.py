@@ -223,7 +223,11 @@ class ServeSection(_Section):
     backend: str | None = None  # an OpenAI-compatible /v1 base URL; None: Ollama at OLLAMA_HOST
     backend_model: str | None = Field(default=None, min_length=1)  # None: ollama.model
     backend_timeout: float = Field(default=300.0, gt=0)  # seconds the backend may stay silent
-    max_body_bytes: int = Field(default=65536, ge=1024)  # larger /think requests get 413
+    max_body_bytes: int = Field(default=65536, ge=1024)  # larger requests get 413
+    # Requests in flight to the backend, /think and /v1 together; past it 429 with Retry-After.
+    max_concurrent: int = Field(default=4, ge=1, le=1024)
+    # Seconds a /v1 stream may stay silent (the model still thinking) before a `: keep-alive` line.
+    keepalive_interval: float = Field(default=15.0, gt=0, le=300)
 
 
 class Config(_Section):

@@ -5,7 +5,10 @@
 Routes (all GET, JSON unless said):
 - `/`: the page (pipeline/ui/index.html); `/ui/{asset}`: its script and style, and the
   chart library (uPlot) that `make ui` installs from the npm registry, pinned by
-  pipeline/ui/package-lock.json, into pipeline/ui/node_modules (never committed).
+  pipeline/ui/package-lock.json, into pipeline/ui/node_modules (never committed). Where
+  the clone has none, the node_modules folder named by $AGIASI_UI_MODULES: the CUDA image
+  installs the same pinned uPlot there at build (docker/Dockerfile), outside the clone
+  `make docker-run` mounts over its source.
 - `/api/state`: what Make would build and why, read from Make itself: `make -n -k` on
   pipeline.mk's targets, whose `announce` lines say "building X because Y changed" or
   "because X does not exist". Each artifact of the plan (`<run>/plan.mk`, which that same
@@ -48,14 +51,12 @@ from .plan import make_variables
 
 REPO = Path(__file__).resolve().parent.parent
 UI_DIR = Path(__file__).resolve().parent / "ui"
-# The chart library, as `npm ci` lays it out (pipeline/ui/package.json pins it).
+# The chart library, as `npm ci` lays it out (pipeline/ui/package.json pins it): the clone's,
+# else the one in $AGIASI_UI_MODULES (the CUDA image's).
 NODE_MODULES = UI_DIR / "node_modules"
-ASSETS = {
-    "app.js": UI_DIR / "app.js",
-    "style.css": UI_DIR / "style.css",
-    "uPlot.iife.min.js": NODE_MODULES / "uplot" / "dist" / "uPlot.iife.min.js",
-    "uPlot.min.css": NODE_MODULES / "uplot" / "dist" / "uPlot.min.css",
-}
+UI_MODULES_ENV = "AGIASI_UI_MODULES"
+OWN_ASSETS = {"app.js": UI_DIR / "app.js", "style.css": UI_DIR / "style.css"}
+LIBRARY_ASSETS = {"uPlot.iife.min.js": "uplot/dist/uPlot.iife.min.js", "uPlot.min.css": "uplot/dist/uPlot.min.css"}
 MEDIA_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
 
 # pipeline.mk's goals, in the DAG's order, and each stage's artifacts by plan.mk variable.
@@ -73,6 +74,13 @@ STATE_TIMEOUT_S = 120
 AUDIT_TAIL_MAX = 500
 
 
+def library_file(relative: str) -> Path:
+    """A file of the chart library: the clone's node_modules (`make ui`), else $AGIASI_UI_MODULES's;
+    the clone's path when neither has it (the 503 names it)."""
+    folders = [NODE_MODULES] + ([Path(os.environ[UI_MODULES_ENV])] if os.environ.get(UI_MODULES_ENV) else [])
+    return next((f / relative for f in folders if (f / relative).is_file()), NODE_MODULES / relative)
+
+
 def dashboard_router(cfg: Config, audit_path: Path) -> APIRouter:
     """The dashboard's routes for the run of `cfg`, with the /think audit log at `audit_path`."""
     router = APIRouter()
@@ -86,7 +94,7 @@ def dashboard_router(cfg: Config, audit_path: Path) -> APIRouter:
 
     @router.get("/ui/{asset}", include_in_schema=False)
     def ui_asset(asset: str) -> FileResponse:
-        path = ASSETS.get(asset)
+        path = OWN_ASSETS.get(asset) or (library_file(LIBRARY_ASSETS[asset]) if asset in LIBRARY_ASSETS else None)
         if path is None:
             raise HTTPException(404, f"no dashboard asset {asset!r}")
         if not path.is_file():

@@ -1,28 +1,38 @@
-"""`python -m pipeline serve`: POST /think answers with only the model's <final> text.
+"""`python -m pipeline serve`: /think and an OpenAI-compatible /v1 answer with only the model's <final>.
 
 The backend is any OpenAI-compatible chat API (`backend_url` is its /v1 base): by default the
 run's registered Ollama model at OLLAMA_HOST (Ollama's /v1), or llama.cpp's llama-server.
-Every reply goes through pipeline.thinking's filter; every /think request that reaches the
-backend leaves one line in the audit log (pipeline.audit, hashes only). The dashboard
-(pipeline.dashboard) is served by the same app.
+Both APIs go through one path (`Service`): one slot of serve.max_concurrent, one request to the
+backend, pipeline.thinking's filter, and one line in the audit log (pipeline.audit, hashes
+only) however the request ends. The dashboard (pipeline.dashboard) is served by the same app.
 
     POST /think {"prompt": str, "system": str (optional), "stream": bool (optional)}
       200 {"final", "request_id"}; 502 {"error", "request_id"} (no well-formed final, or a
       backend error); 503 backend down; 504 backend silent past backend_timeout;
-      413 body over max_body_bytes; 400/422 a bad body (the error names the field only).
+      429 serve.max_concurrent requests in flight (Retry-After); 413 body over max_body_bytes;
+      400/422 a bad body (the error names the field only).
       stream: application/x-ndjson lines {"type": "delta", "text"}, then one
       {"type": "done", "request_id"} or {"type": "error", "error", "request_id"}.
+
+    GET /v1/models, POST /v1/chat/completions: OpenAI's shapes (pipeline.openai_api), errors
+      in OpenAI's error body with the same statuses; a stream is SSE chat.completion.chunk
+      events ending in `data: [DONE]`, or in one `data: {"error": ...}` event when the reply has
+      no well-formed final; `: keep-alive` comment lines every serve.keepalive_interval seconds
+      while nothing may be sent.
 
 Limits: binds 127.0.0.1 unless AGIASI_SERVE_TOKEN is set; with a token every request needs
 `Authorization: Bearer <token>` or the cookie `agiasi_token`, which `GET /?token=<token>` sets.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
 import os
+import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -30,7 +40,7 @@ from urllib.parse import parse_qs, urlsplit
 import anyio
 import httpx2
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -42,19 +52,27 @@ from .errors import BadInputError
 from .goproxy import proxy_for
 from .ollama import ollama_host
 from .ollama_rules import connect_url
-from .thinking import REASONING_FIELDS, PROBLEMS, ThinkingFilter, filter_reply
+from .openai_api import (
+    ApiError, ChatRequest, StopMatcher, chunk, completion, error_body, error_type, models_list, parse_chat_request,
+    usage_of,
+)
+from .thinking import REASONING_FIELDS, FilterResult, ThinkingFilter
 
 TOKEN_ENV = "AGIASI_SERVE_TOKEN"
 TOKEN_COOKIE = "agiasi_token"
 MIN_TOKEN_LENGTH = 16
 CONNECT_TIMEOUT = 5.0
+RETRY_AFTER_SECONDS = 1
+V1 = "/v1"
 
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """What create_app needs. backend_url: the backend's /v1 base; token: None for no check;
-    allowed_hosts: Host header names accepted (None: any; serve() sets the loopback names when
-    it binds loopback without a token, against DNS rebinding)."""
+    """What create_app needs. backend_url: the backend's /v1 base; backend_model: the model asked
+    of it, and the id /v1/models lists; token: None for no check; allowed_hosts: Host header names
+    accepted (None: any; serve() sets the loopback names when it binds loopback without a token,
+    against DNS rebinding); max_concurrent: requests in flight to the backend, past it 429;
+    keepalive_interval: seconds of silence after which a /v1 stream sends a comment line."""
     backend_url: str
     backend_model: str
     audit_path: Path
@@ -62,6 +80,8 @@ class ServeSettings:
     max_body_bytes: int = 65536
     backend_timeout: float = 300.0
     allowed_hosts: tuple[str, ...] | None = None
+    max_concurrent: int = 4
+    keepalive_interval: float = 15.0
 
 
 class ThinkRequest(BaseModel):
@@ -80,8 +100,13 @@ class BackendFailure(Exception):
         self.outcome, self.status = outcome, status
 
 
-def _json_error(status: int, message: str, **extra) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
+def error_response(path: str, status: int, message: str, headers: dict | None = None, **extra) -> JSONResponse:
+    """An error in the shape of the API asked: OpenAI's body under /v1, {"error": message, ...} elsewhere."""
+    if path == V1 or path.startswith(V1 + "/"):
+        body = error_body(message, type=error_type(status), code=extra.get("code"), param=extra.get("param"))
+    else:
+        body = {"error": message, **extra}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 # -- limits: pure ASGI middleware, so they hold for every route ---------------------------------
@@ -98,26 +123,28 @@ class TokenGate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        path = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.allowed_hosts is not None:
             host = urlsplit("//" + headers.get("host", "")).hostname or ""
             if host not in self.allowed_hosts:
-                return await _json_error(421, "this server answers only to its loopback address")(scope, receive, send)
+                return await error_response(path, 421, "this server answers only to its loopback address")(
+                    scope, receive, send)
         if self.token is None:
             return await self.app(scope, receive, send)
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        if scope["path"] == "/" and scope["method"] == "GET" and "token" in query:
+        if path == "/" and scope["method"] == "GET" and "token" in query:
             if not self._matches(query["token"][0]):
-                return await _json_error(401, "wrong token")(scope, receive, send)
+                return await error_response(path, 401, "wrong token")(scope, receive, send)
             response = JSONResponse({"ok": True}, status_code=303, headers={"Location": "/"})
             response.set_cookie(TOKEN_COOKIE, self.token, httponly=True, samesite="strict", path="/")
             return await response(scope, receive, send)
         if self._matches(_bearer(headers.get("authorization", ""))) or self._matches(
                 _cookie(headers.get("cookie", ""), TOKEN_COOKIE)):
             return await self.app(scope, receive, send)
-        response = _json_error(401, f"this server needs its token ({TOKEN_ENV}): send "
-                                    "'Authorization: Bearer <token>', or open /?token=<token> once")
-        response.headers["WWW-Authenticate"] = "Bearer"
+        response = error_response(path, 401, f"this server needs its token ({TOKEN_ENV}): send "
+                                             "'Authorization: Bearer <token>', or open /?token=<token> once",
+                                  headers={"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
         return await response(scope, receive, send)
 
     def _matches(self, given: str | None) -> bool:
@@ -147,7 +174,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_big = _json_error(413, f"the request body is larger than {self.max_bytes} bytes")
+        too_big = error_response(scope["path"], 413, f"the request body is larger than {self.max_bytes} bytes")
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await too_big(scope, receive, send)
@@ -169,30 +196,201 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-# -- the backend ----------------------------------------------------------------------------------
+# -- one path to the backend, for both APIs --------------------------------------------------------
+
+TICK = None  # Service.pieces' item when nothing could be sent for keepalive_interval seconds
 
 
-def _payload(settings: ServeSettings, body: ThinkRequest) -> dict:
-    messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
-        {"role": "user", "content": body.prompt}]
-    return {"model": settings.backend_model, "messages": messages, "stream": body.stream}
+class Exchange:
+    """One request on its way through the backend, from its slot to its audit line.
+
+    Its outcome is "cancelled" (the client went away) until the request ends otherwise (end());
+    its filter sees the whole reply, so the audit line holds every thinking section however the
+    request ended. close() closes the backend stream, frees the slot and writes the line, once.
+    """
+
+    def __init__(self, service: Service, api: str, stream: bool, prompt: str, system: str | None):
+        self.service, self.api, self.stream, self.prompt, self.system = service, api, stream, prompt, system
+        self.request_id, self.started = uuid.uuid4().hex, now()
+        self.outcome, self.status, self.final = "cancelled", 200, None
+        self.filter = ThinkingFilter()
+        self.usage: dict | None = None
+        self.failure: BackendFailure | None = None  # why a stream ended without a reply
+        self.admitted = False
+        self.client: httpx2.AsyncClient | None = None
+        self.response: httpx2.Response | None = None
+        self._closed = False
+
+    def end(self, outcome: str, status: int, final: str | None = None) -> None:
+        self.outcome, self.status, self.final = outcome, status, final
+
+    def result(self) -> FilterResult:
+        return self.filter.finish()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            if self.response is not None:
+                await self.response.aclose()
+            if self.client is not None:
+                await self.client.aclose()
+            await self.service.release(self)
 
 
-def _transport_failure(settings: ServeSettings, err: Exception) -> BackendFailure:
-    where = settings.backend_url
-    if isinstance(err, httpx2.TimeoutException) and not isinstance(err, httpx2.ConnectTimeout):
-        return BackendFailure("backend_timeout", 504,
-                              f"the backend at {where} sent nothing for {settings.backend_timeout:g} s "
-                              "(serve.backend_timeout)")
-    return BackendFailure("backend_unavailable", 503,
-                          f"the backend at {where} is not reachable ({type(err).__name__}); start it "
-                          "(ollama serve, or llama-server) or point --backend at one")
+class Service:
+    """The backend behind both APIs: slots, requests, the filter's input, the audit log."""
+
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        self.audit = AuditLog(settings.audit_path)
+        self.url = settings.backend_url.rstrip("/") + "/chat/completions"
+        timeout = httpx2.Timeout(settings.backend_timeout, connect=CONNECT_TIMEOUT)
+        # The proxy Go's clients would use (pipeline.goproxy): never for loopback, NO_PROXY honoured;
+        # httpx's own reading of the environment would send 127.0.0.1 through http_proxy.
+        self.client_options = {"timeout": timeout, "trust_env": False, "proxy": proxy_for(self.url)}
+        self.in_flight = 0
+
+    def admit(self, api: str, stream: bool, prompt: str, system: str | None) -> Exchange:
+        """An exchange that holds one of serve.max_concurrent slots, or (admitted False, outcome busy)
+        none when all are taken; either way its close() writes its audit line."""
+        ex = Exchange(self, api, stream, prompt, system)
+        if self.in_flight < self.settings.max_concurrent:
+            self.in_flight += 1
+            ex.admitted = True
+        else:
+            ex.end("busy", 429)
+        return ex
+
+    async def release(self, ex: Exchange) -> None:
+        if ex.admitted:
+            self.in_flight -= 1
+        obj = entry(time=ex.started, request_id=ex.request_id, api=ex.api, backend_model=self.settings.backend_model,
+                    stream=ex.stream, outcome=ex.outcome, status=ex.status, prompt=ex.prompt, system=ex.system,
+                    final=ex.final, sections=ex.result().sections)
+        await anyio.to_thread.run_sync(self.audit.record, obj)
+        print(f"[serve] {ex.request_id} {ex.api} {ex.outcome} {ex.status}", flush=True)
+
+    def payload(self, messages: list[dict], stream: bool, options: dict | None = None, usage: bool = False) -> dict:
+        body = {"model": self.settings.backend_model, "messages": messages, "stream": stream, **(options or {})}
+        if stream and usage:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    async def complete(self, ex: Exchange, payload: dict) -> FilterResult:
+        """The whole reply, through ex's filter. Raises BackendFailure."""
+        try:
+            async with httpx2.AsyncClient(**self.client_options) as client:
+                reply = await client.post(self.url, json=payload)
+        except httpx2.TransportError as err:
+            raise self._transport_failure(err) from None
+        if reply.status_code != 200:
+            raise self._status_failure(reply.status_code)
+        try:
+            obj = reply.json()
+            content, fields = _message_parts(_first_choice(obj, "message"))
+        except ValueError:
+            raise BackendFailure("backend_error", 502,
+                                 f"the backend at {self.settings.backend_url} sent no chat completion") from None
+        ex.usage = usage_of(obj)
+        for name, text in fields.items():
+            ex.filter.feed_field(name, text)
+        ex.filter.feed(content)
+        return ex.result()
+
+    async def open_stream(self, ex: Exchange, payload: dict) -> None:
+        """Starts the backend's streamed reply (ex owns it from here). Raises BackendFailure."""
+        ex.client = httpx2.AsyncClient(**self.client_options)
+        try:
+            ex.response = await ex.client.send(ex.client.build_request("POST", self.url, json=payload), stream=True)
+        except httpx2.TransportError as err:
+            raise self._transport_failure(err) from None
+        if ex.response.status_code != 200:
+            raise self._status_failure(ex.response.status_code)
+
+    async def pieces(self, ex: Exchange, keepalive: float | None = None) -> AsyncIterator[str | None]:
+        """The final's text as the streamed reply comes in: each piece that may be sent now, and
+        TICK whenever none could be for `keepalive` seconds (None: never). When the reply ends,
+        ex.result() is the filter's verdict, or ex.failure says why the stream broke off."""
+        try:
+            async for event in _ticking(self._deltas(ex), keepalive):
+                if event is TICK:
+                    yield TICK
+                    continue
+                content, fields = event
+                for name, text in fields.items():
+                    ex.filter.feed_field(name, text)
+                text = ex.filter.feed(content)
+                if text:
+                    yield text
+        except BackendFailure as failure:
+            ex.failure = failure
+
+    async def _deltas(self, ex: Exchange) -> AsyncIterator[tuple[str, dict[str, str]]]:
+        try:
+            async for event in httpx2.EventSource(ex.response):
+                if event.data.strip() == "[DONE]":
+                    return
+                obj = json.loads(event.data)
+                ex.usage = usage_of(obj) or ex.usage
+                if isinstance(obj, dict) and obj.get("choices") == [] and "error" not in obj:
+                    continue  # the usage chunk
+                yield _message_parts(_first_choice(obj, "delta"))
+        except httpx2.TimeoutException as err:
+            raise BackendFailure("backend_timeout", 504, str(self._transport_failure(err))) from None
+        except httpx2.TransportError as err:
+            raise BackendFailure("backend_error", 502,
+                                 f"the backend's stream broke off ({type(err).__name__})") from None
+        except ValueError:
+            raise BackendFailure("backend_error", 502,
+                                 f"the backend at {self.settings.backend_url} sent a bad stream event") from None
+
+    def _transport_failure(self, err: Exception) -> BackendFailure:
+        where = self.settings.backend_url
+        if isinstance(err, httpx2.TimeoutException) and not isinstance(err, httpx2.ConnectTimeout):
+            return BackendFailure("backend_timeout", 504,
+                                  f"the backend at {where} sent nothing for {self.settings.backend_timeout:g} s "
+                                  "(serve.backend_timeout)")
+        return BackendFailure("backend_unavailable", 503,
+                              f"the backend at {where} is not reachable ({type(err).__name__}); start it "
+                              "(ollama serve, or llama-server) or point --backend at one")
+
+    def _status_failure(self, status: int) -> BackendFailure:
+        model = self.settings.backend_model
+        hint = f": it has no model {model!r} (make ollama registers it, or give --backend-model)" if status == 404 else ""
+        return BackendFailure("backend_error", 502,
+                              f"the backend at {self.settings.backend_url} answered HTTP {status}{hint}")
 
 
-def _status_failure(settings: ServeSettings, status: int) -> BackendFailure:
-    hint = (f": it has no model {settings.backend_model!r} (make ollama registers it, or give --backend-model)"
-            if status == 404 else "")
-    return BackendFailure("backend_error", 502, f"the backend at {settings.backend_url} answered HTTP {status}{hint}")
+async def _ticking(source: AsyncIterator, interval: float | None) -> AsyncIterator:
+    """source's items as they come, and TICK whenever none came for `interval` seconds (None: never).
+    Each wait is an asyncio task of its own, so that a tick never cancels a read half-way."""
+    if interval is None:
+        async for item in source:
+            yield item
+        return
+    pending: asyncio.Future | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(source.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield TICK
+                continue
+            finished, pending = pending, None
+            try:
+                item = finished.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        with anyio.CancelScope(shield=True):
+            if pending is not None:
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
+            await source.aclose()
 
 
 def _message_parts(message: dict) -> tuple[str, dict[str, str]]:
@@ -212,116 +410,183 @@ def _first_choice(obj, key: str) -> dict:
     return part if isinstance(part, dict) else {}
 
 
-def create_app(settings: ServeSettings, cfg: Config | None = None) -> FastAPI:
-    """The service: /think, /healthz and (with cfg) the dashboard, behind the limits.
+class ExchangeStream(StreamingResponse):
+    """A streamed answer whose exchange is closed however the response ends: finished, failed, or
+    the client gone before or while it streamed (then its outcome stays "cancelled")."""
 
-    settings: see ServeSettings; cfg: the run (for the dashboard; None serves the API alone).
+    def __init__(self, content, exchange: Exchange, media_type: str):
+        super().__init__(content, media_type=media_type, headers={"x-request-id": exchange.request_id})
+        self.exchange = exchange
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+                await self.exchange.close()
+
+
+# -- the app ----------------------------------------------------------------------------------------
+
+
+def create_app(settings: ServeSettings, cfg: Config | None = None) -> FastAPI:
+    """The service: /think, /v1, /healthz and (with cfg) the dashboard, behind the limits.
+
+    settings: see ServeSettings; cfg: the run (for the dashboard; None serves the APIs alone).
     """
     app = FastAPI(title="AGIASI /think", docs_url=None, redoc_url=None, openapi_url=None)
-    audit = AuditLog(settings.audit_path)
-    timeout = httpx2.Timeout(settings.backend_timeout, connect=CONNECT_TIMEOUT)
-    url = settings.backend_url.rstrip("/") + "/chat/completions"
-    # The proxy Go's clients would use (pipeline.goproxy): never for loopback, NO_PROXY honoured;
-    # httpx's own reading of the environment would send 127.0.0.1 through http_proxy.
-    client_options = {"timeout": timeout, "trust_env": False, "proxy": proxy_for(url)}
-
-    def record(request_id, started, body, outcome, status, final, sections):
-        audit.record(entry(time=started, request_id=request_id, backend_model=settings.backend_model,
-                           stream=body.stream, outcome=outcome, status=status, prompt=body.prompt,
-                           system=body.system, final=final, sections=sections))
-        print(f"[serve] {request_id} {outcome} {status}", flush=True)
-
-    def refuse(request_id, started, body, failure: BackendFailure) -> JSONResponse:
-        """A backend failure, logged and answered with its status and message."""
-        record(request_id, started, body, failure.outcome, failure.status, None, {})
-        return _json_error(failure.status, str(failure), request_id=request_id)
+    service = Service(settings)
+    model_id, started = settings.backend_model, int(time.time())
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_body(_request, exc: RequestValidationError):
+    async def invalid_body(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
-            return _json_error(400, "the body is not valid JSON")
+            return error_response(request.url.path, 400, "the body is not valid JSON")
         where = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
-        return _json_error(422, f"invalid request ({where})")
+        return error_response(request.url.path, 422, f"invalid request ({where})")
+
+    def busy(ex: Exchange, path: str) -> JSONResponse:
+        extra = {} if path.startswith(V1) else {"request_id": ex.request_id}
+        return error_response(path, 429, f"{settings.max_concurrent} requests are in flight (serve.max_concurrent): "
+                                          f"try again in {RETRY_AFTER_SECONDS} s",
+                              headers={"Retry-After": str(RETRY_AFTER_SECONDS), "x-request-id": ex.request_id},
+                              **extra)
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "backend": settings.backend_url, "backend_model": settings.backend_model}
+        return {"status": "ok", "backend": settings.backend_url, "backend_model": settings.backend_model,
+                "in_flight": service.in_flight, "max_concurrent": settings.max_concurrent}
+
+    # -- /think --------------------------------------------------------------------------------
 
     @app.post("/think")
     async def think(body: ThinkRequest):
-        request_id, started = uuid.uuid4().hex, now()
+        messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
+            {"role": "user", "content": body.prompt}]
+        ex = service.admit("think", body.stream, body.prompt, body.system)
+        if not ex.admitted:
+            await ex.close()
+            return busy(ex, "/think")
+        payload = service.payload(messages, body.stream)
         if body.stream:
-            return await _stream(body, request_id, started)
+            return await _streamed(ex, payload, think_lines(ex), "application/x-ndjson", "/think")
         try:
-            async with httpx2.AsyncClient(**client_options) as client:
-                reply = await client.post(url, json=_payload(settings, body))
-            if reply.status_code != 200:
-                raise _status_failure(settings, reply.status_code)
-            try:
-                content, fields = _message_parts(_first_choice(reply.json(), "message"))
-            except ValueError:
-                raise BackendFailure("backend_error", 502,
-                                     f"the backend at {settings.backend_url} sent no chat completion") from None
-        except httpx2.TransportError as err:
-            return refuse(request_id, started, body, _transport_failure(settings, err))
+            result = await service.complete(ex, payload)
         except BackendFailure as failure:
-            return refuse(request_id, started, body, failure)
-        result = filter_reply(content, fields)
-        if result.final is None:
-            record(request_id, started, body, result.outcome, 502, None, result.sections)
-            return _json_error(502, f"no answer: {result.problem}", request_id=request_id)
-        record(request_id, started, body, "ok", 200, result.final, result.sections)
-        return {"final": result.final, "request_id": request_id}
-
-    async def _stream(body: ThinkRequest, request_id: str, started: str):
-        client = httpx2.AsyncClient(**client_options)
-        try:
-            response = await client.send(client.build_request("POST", url, json=_payload(settings, body)),
-                                         stream=True)
-        except httpx2.TransportError as err:
-            await client.aclose()
-            return refuse(request_id, started, body, _transport_failure(settings, err))
-        if response.status_code != 200:
-            await response.aclose()
-            await client.aclose()
-            return refuse(request_id, started, body, _status_failure(settings, response.status_code))
-        return StreamingResponse(_lines(client, response, body, request_id, started),
-                                 media_type="application/x-ndjson")
-
-    async def _lines(client, response, body, request_id, started):
-        filt, outcome, final = ThinkingFilter(), "cancelled", None  # cancelled: the client went away
-        try:
-            try:
-                async for event in httpx2.EventSource(response):
-                    if event.data.strip() == "[DONE]":
-                        break
-                    content, fields = _message_parts(_first_choice(json.loads(event.data), "delta"))
-                    for name, text in fields.items():
-                        filt.feed_field(name, text)
-                    text = filt.feed(content)
-                    if text:
-                        yield _line({"type": "delta", "text": text})
-            except httpx2.TimeoutException as err:
-                outcome, message = "backend_timeout", str(_transport_failure(settings, err))
-            except httpx2.TransportError as err:
-                outcome, message = "backend_error", f"the backend's stream broke off ({type(err).__name__})"
-            except ValueError:
-                outcome, message = "backend_error", f"the backend at {settings.backend_url} sent a bad stream event"
-            else:
-                result = filt.finish()
-                outcome = result.outcome
-                if result.final is not None:
-                    final = result.final
-                    yield _line({"type": "done", "request_id": request_id})
-                    return
-                message = f"no answer: {PROBLEMS[outcome]}"
-            yield _line({"type": "error", "error": message, "request_id": request_id})
+            ex.end(failure.outcome, failure.status)
+            return error_response("/think", failure.status, str(failure), request_id=ex.request_id)
+        else:
+            if result.final is None:
+                ex.end(result.outcome, 502)
+                return error_response("/think", 502, f"no answer: {result.problem}", request_id=ex.request_id)
+            ex.end("ok", 200, result.final)
+            return {"final": result.final, "request_id": ex.request_id}
         finally:
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
-                await client.aclose()
-            record(request_id, started, body, outcome, 200, final, filt.finish().sections)
+            await ex.close()
+
+    async def think_lines(ex: Exchange):
+        async for piece in service.pieces(ex):
+            yield _line({"type": "delta", "text": piece})
+        result = ex.result()
+        if ex.failure is None and result.final is not None:
+            ex.end("ok", 200, result.final)
+            yield _line({"type": "done", "request_id": ex.request_id})
+            return
+        ex.end(ex.failure.outcome if ex.failure else result.outcome, 200)
+        message = str(ex.failure) if ex.failure else f"no answer: {result.problem}"
+        yield _line({"type": "error", "error": message, "request_id": ex.request_id})
+
+    async def _streamed(ex: Exchange, payload: dict, content, media_type: str, path: str):
+        """Opens the backend's stream; its failure is answered with its status, before any byte."""
+        try:
+            await service.open_stream(ex, payload)
+        except BackendFailure as failure:
+            ex.end(failure.outcome, failure.status)
+            await content.aclose()
+            await ex.close()
+            extra = {} if path.startswith(V1) else {"request_id": ex.request_id}
+            return error_response(path, failure.status, str(failure), headers={"x-request-id": ex.request_id},
+                                  **extra)
+        return ExchangeStream(content, ex, media_type)
+
+    # -- /v1 -----------------------------------------------------------------------------------
+
+    @app.get("/v1/models")
+    async def v1_models():
+        return models_list(model_id, started)
+
+    @app.post("/v1/chat/completions")
+    async def v1_chat(request: Request):
+        path = request.url.path
+        try:
+            req = parse_chat_request(json.loads(await request.body()), model_id)
+        except ValueError:
+            return error_response(path, 400, "the body is not valid JSON")
+        except ApiError as err:
+            return JSONResponse(err.body(), status_code=err.status)
+        ex = service.admit("v1", req.stream, req.conversation, req.system)
+        if not ex.admitted:
+            await ex.close()
+            return busy(ex, path)
+        completion_id, created = "chatcmpl-" + ex.request_id, int(time.time())
+        payload = service.payload(req.messages, req.stream, req.options, req.include_usage)
+        if req.stream:
+            return await _streamed(ex, payload, v1_events(ex, req, completion_id, created), "text/event-stream", path)
+        headers = {"x-request-id": ex.request_id}
+        try:
+            result = await service.complete(ex, payload)
+        except BackendFailure as failure:
+            ex.end(failure.outcome, failure.status)
+            return error_response(path, failure.status, str(failure), headers=headers)
+        else:
+            if result.final is None:
+                ex.end(result.outcome, 502)
+                return error_response(path, 502, f"no answer: {result.problem}", headers=headers, code=result.outcome)
+            stops = StopMatcher(req.stops)
+            final = stops.feed(result.final) + stops.flush()
+            ex.end("ok", 200, final)
+            return JSONResponse(completion(completion_id, created, model_id, final, ex.usage), headers=headers)
+        finally:
+            await ex.close()
+
+    async def v1_events(ex: Exchange, req: ChatRequest, completion_id: str, created: int):
+        def event(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> bytes:
+            return _sse(chunk(completion_id, created, model_id, delta, finish, usage))
+
+        yield event({"role": "assistant", "content": ""})
+        stops, sent = StopMatcher(req.stops), []
+        pieces = service.pieces(ex, settings.keepalive_interval)
+        try:
+            async for piece in pieces:
+                if piece is TICK:
+                    yield b": keep-alive\n\n"
+                    continue
+                text = stops.feed(piece)
+                if text:
+                    sent.append(text)
+                    yield event({"content": text})
+                if stops.stopped:
+                    break  # the backend's stream is closed with the exchange: it stops generating
+        finally:
+            await pieces.aclose()
+        if not stops.stopped:
+            result = ex.result()
+            if ex.failure is not None or result.final is None:
+                ex.end(ex.failure.outcome if ex.failure else result.outcome, 200)
+                message = str(ex.failure) if ex.failure else f"no answer: {result.problem}"
+                yield _sse(error_body(message, type="server_error", code=ex.outcome))
+                return
+            tail = stops.flush()
+            if tail:
+                sent.append(tail)
+                yield event({"content": tail})
+        ex.end("ok", 200, "".join(sent))
+        yield event({}, "stop")
+        if req.include_usage:
+            yield event(None, usage=ex.usage)
+        yield b"data: [DONE]\n\n"
 
     if cfg is not None:
         app.include_router(dashboard_router(cfg, settings.audit_path))
@@ -332,6 +597,10 @@ def create_app(settings: ServeSettings, cfg: Config | None = None) -> FastAPI:
 
 def _line(obj: dict) -> bytes:
     return (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
 
 
 # -- the command ------------------------------------------------------------------------------------
@@ -376,7 +645,8 @@ def serve_settings(cfg: Config, host: str | None = None, backend: str | None = N
         backend_url=backend.rstrip("/"),
         backend_model=backend_model or cfg.serve.backend_model or cfg.ollama.model,
         audit_path=cfg.audit_log, token=token, max_body_bytes=cfg.serve.max_body_bytes,
-        backend_timeout=cfg.serve.backend_timeout,
+        backend_timeout=cfg.serve.backend_timeout, max_concurrent=cfg.serve.max_concurrent,
+        keepalive_interval=cfg.serve.keepalive_interval,
         allowed_hosts=loopback_names if token is None else None)
 
 
@@ -390,6 +660,8 @@ def serve(cfg: Config, host: str | None = None, port: int | None = None, backend
     shown = f"[{host}]" if ":" in host else host
     print(f"[serve] http://{shown}:{port}/ -> {settings.backend_url} model {settings.backend_model}; "
           f"audit log {settings.audit_path}", flush=True)
+    print(f"[serve] OpenAI-compatible API: base URL http://{shown}:{port}/v1, model {settings.backend_model!r}",
+          flush=True)
     if settings.token:
         print(f"[serve] token required; a browser opens http://{shown}:{port}/?token=<{TOKEN_ENV}> once", flush=True)
     # No access log: it would print /?token=... to the terminal; /think logs one line per request.

@@ -18,7 +18,7 @@ SECRET = "秘密の思考θ"
 
 
 def sample(i: int = 0, **overrides) -> dict:
-    fields = dict(time=now(), request_id=f"{i:032x}", backend_model="agiasi-demo", stream=False, outcome="ok",
+    fields = dict(time=now(), request_id=f"{i:032x}", api="think", backend_model="agiasi-demo", stream=False, outcome="ok",
                   status=200, prompt=f"質問{i}", system=None, final="答え", sections={"think-a": SECRET * (i + 1)})
     return entry(**{**fields, **overrides})
 
@@ -72,7 +72,20 @@ BAD_LINES = [
     (json.dumps({**sample(), "outcome": "fine"}), "outcome: expected one of"),
     (json.dumps({**sample(), "thinking": {"think a": sample()["prompt"]}}), "is no section name"),
     (json.dumps({**sample(), "outcome": "no_final"}), "final: present, but the outcome is no_final"),
+    (json.dumps({**sample(), "api": "v2"}), "api: expected one of think, v1"),
 ]
+
+
+def test_lines_from_before_the_api_field_still_verify(tmp_path):
+    """A log written before /v1 existed (every line from /think, no `api`) stays valid; a line
+    that lacks another field does not."""
+    path = tmp_path / "think.jsonl"
+    old = {k: v for k, v in sample().items() if k != "api"}
+    path.write_text(json.dumps(old) + "\n" + json.dumps(sample(1, api="v1")) + "\n")
+    assert verify(path) == 2
+    path.write_text(json.dumps({k: v for k, v in old.items() if k != "status"}) + "\n")
+    with pytest.raises(AuditError, match="missing status"):
+        verify(path)
 
 
 @pytest.mark.reliability("bad-input")

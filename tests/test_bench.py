@@ -16,6 +16,8 @@ FIGURES = {
     "soul_overhead.py": ("median step", "ratio soul/lora ="),
     "fuse.py": ("peak RSS streaming/straightforward =", "outputs equal: max |difference| 0"),
     "train_throughput.py": ("unpacked  trained tokens/s", "packed    trained tokens/s", "packed/unpacked"),
+    "serve_load.py": ("throughput  first byte p50", "overhead p50", "answered 429 (expected 3) ok",
+                      "(429s included), all well-formed ok"),
 }
 # bench/fullsize.py has a smoke test of its own, per family (test_fullsize_bench_smoke).
 OWN_TEST = {"fullsize.py"}

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from conftest import DEMO_DATA, REPO, small_config, write_config
+from pipeline import dashboard
 from pipeline.audit import FIELDS
 from pipeline.config import load_config
 from pipeline.dashboard import dashboard_router
@@ -203,7 +204,7 @@ def test_reports_as_their_stages_wrote_them(run):
 
 def audit_line(i: int) -> str:
     digest = {"sha256": f"{i:064x}", "length": i + 1}
-    return json.dumps({"time": "2026-12-02T17:30:00.000Z", "request_id": f"{i:032x}", "backend_model": "m",
+    return json.dumps({"time": "2026-12-02T17:30:00.000Z", "request_id": f"{i:032x}", "api": "v1", "backend_model": "m",
                        "stream": True, "outcome": "ok", "status": 200, "prompt": digest, "system": None,
                        "final": digest, "thinking": {"think-logic": digest}}) + "\n"
 
@@ -245,6 +246,22 @@ def test_page_and_assets(run):
     for ref in ("/ui/uPlot.iife.min.js", "/ui/uPlot.min.css", "/ui/app.js", "/ui/style.css"):
         assert ref in page.text
     assert "http://" not in page.text and "https://" not in page.text
+
+
+def test_the_chart_library_comes_from_the_images_folder_when_the_clone_has_none(run, tmp_path, monkeypatch):
+    """The CUDA image installs the pinned uPlot outside the clone that `make docker-run` mounts over
+    its source, and names that folder in AGIASI_UI_MODULES (docker/Dockerfile)."""
+    client = run[3]
+    monkeypatch.setattr(dashboard, "NODE_MODULES", tmp_path / "clone" / "node_modules")
+    monkeypatch.delenv(dashboard.UI_MODULES_ENV, raising=False)
+    missing = client.get("/ui/uPlot.min.css")
+    assert missing.status_code == 503 and "make ui" in missing.text
+    image = tmp_path / "image" / "node_modules"
+    (image / "uplot" / "dist").mkdir(parents=True)
+    (image / "uplot" / "dist" / "uPlot.min.css").write_text(".uplot{}", encoding="utf-8")
+    monkeypatch.setenv(dashboard.UI_MODULES_ENV, str(image))
+    served = client.get("/ui/uPlot.min.css")
+    assert served.status_code == 200 and served.text == ".uplot{}"
 
 
 def test_the_header_names_the_runs_base_and_its_family(run):

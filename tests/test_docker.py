@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.dashboard import LIBRARY_ASSETS, UI_MODULES_ENV
+
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 DOCKER_MK = REPO / "docker" / "docker.mk"
@@ -196,7 +198,7 @@ def test_base_cuda_matches_torch_cuda(dockerfile):
 def test_runtime_stage_takes_only_the_build_outputs_from_the_devel_stage(dockerfile):
     copies = [i.args for i in dockerfile.final.instructions if i.keyword == "COPY" and "--from=" in i.args]
     sources = {re.sub(r"--\S+\s+", "", c).split()[0] for c in copies}
-    assert sources == {"/opt/venv", "/opt/agiasi-cache/llama.cpp"}, sources
+    assert sources == {"/opt/venv", "/opt/agiasi-cache/llama.cpp", "/opt/agiasi-ui/node_modules"}, sources
 
 
 # ---- user and secrets ---------------------------------------------------------------------
@@ -424,3 +426,20 @@ def test_image_installs_the_pinned_cuda_requirements(dockerfile):
     assert "-r /src/requirements/cuda.txt" in runs and "pip==" in runs
     copies = " ".join(i.args for i in dockerfile.stage("build").instructions if i.keyword == "COPY")
     assert "requirements/base.txt" in copies and "requirements/cuda.txt" in copies
+
+
+def test_image_serves_the_dashboards_pinned_chart_library(dockerfile):
+    """`make docker-run` mounts the clone over /workspace, so a `make ui` at image build would be
+    hidden: the build stage installs the lock file's uPlot (npm ci, no install scripts) outside it,
+    the runtime stage copies node_modules alone, and AGIASI_UI_MODULES names it for the dashboard."""
+    build, final = dockerfile.stage("build"), dockerfile.final
+    steps = [(i.keyword, i.args) for i in build.instructions]
+    at = steps.index(("WORKDIR", "/opt/agiasi-ui"))
+    assert steps[at + 1] == ("COPY", "pipeline/ui/package.json pipeline/ui/package-lock.json ./")
+    assert steps[at + 2][0] == "RUN" and steps[at + 2][1].startswith("npm ci --ignore-scripts"), steps[at + 2]
+    copied = [i.args.split()[-2:] for i in final.instructions if i.keyword == "COPY" and "--from=" in i.args]
+    modules = dockerfile.env(final)["AGIASI_UI_MODULES"]
+    assert [modules, modules] in copied and modules == "/opt/agiasi-ui/node_modules"
+    assert not modules.startswith("/workspace")
+    assert UI_MODULES_ENV == "AGIASI_UI_MODULES"
+    assert all(rel.startswith("uplot/") for rel in LIBRARY_ASSETS.values())

@@ -10,22 +10,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
-import time
 
 import httpx2
 import pytest
-import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from conftest import REPO
+from crafted_backend import SECRET, Backend, free_port, wait_http
 from makeutil import needs_llama_cpp
 from metrics_fixture import fixture_config
 from pipeline import llamacpp
@@ -34,71 +29,19 @@ from pipeline.config import load_config
 from pipeline.errors import BadInputError
 from pipeline.serve import ServeSettings, create_app, serve_settings
 
-SECRET = "θψΩ秘密"
 TOKEN = "t0ken-for-tests-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Backend:
-    """A crafted OpenAI-compatible backend: replies with `content` (and `fields`), as JSON or as
-    SSE in `chunk`-character pieces; `status` other than 200 answers that; `delay` waits first."""
-
-    def __init__(self):
-        self.content, self.fields, self.chunk, self.status, self.delay = "<final>ok</final>", {}, 3, 200, 0.0
-        self.stall = 0.0  # seconds of silence after the first streamed piece
-        self.requests: list[dict] = []
-        app = FastAPI()
-
-        @app.post("/v1/chat/completions")
-        async def chat(request: Request):
-            body = await request.json()
-            self.requests.append(body)
-            await asyncio.sleep(self.delay)
-            if self.status != 200:
-                return JSONResponse({"error": {"message": SECRET}}, status_code=self.status)
-            if not body.get("stream"):
-                return {"choices": [{"message": {"role": "assistant", "content": self.content, **self.fields}}]}
-            return StreamingResponse(self._events(), media_type="text/event-stream")
-
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    async def _events(self):
-        for name, text in self.fields.items():
-            yield f"data: {json.dumps({'choices': [{'delta': {name: text}}]})}\n\n"
-        for i in range(0, len(self.content), self.chunk):
-            if i:
-                await asyncio.sleep(self.stall)
-            yield f"data: {json.dumps({'choices': [{'delta': {'content': self.content[i:i + self.chunk]}}]})}\n\n"
-        yield "data: [DONE]\n\n"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
 
 
 @pytest.fixture(scope="module")
 def backend():
-    b = Backend()
-    b.thread.start()
-    deadline = time.monotonic() + 10
-    while not b.server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
+    b = Backend().start()
     yield b
-    b.server.should_exit = True
-    b.thread.join(5)
+    b.stop()
 
 
 @pytest.fixture
 def make_client(backend, tmp_path):
-    backend.content, backend.fields, backend.chunk, backend.status, backend.delay = "<final>ok</final>", {}, 3, 200, 0
-    backend.stall = 0
+    backend.reset()
     made = []
 
     def make(**overrides) -> TestClient:
@@ -278,7 +221,8 @@ def test_binding_elsewhere_needs_a_token(tmp_path):
 def test_concurrent_requests_each_leave_one_whole_line(backend, tmp_path):
     backend.content, backend.delay, backend.status, backend.fields = f"<think>{SECRET}</think><final>ok</final>", 0.05, 200, {}
     backend.stall = 0
-    app = create_app(ServeSettings(backend_url=backend.url, backend_model="m", audit_path=tmp_path / "think.jsonl"))
+    app = create_app(ServeSettings(backend_url=backend.url, backend_model="m", audit_path=tmp_path / "think.jsonl",
+                                   max_concurrent=40))
 
     async def many():
         async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://t") as client:
@@ -292,19 +236,6 @@ def test_concurrent_requests_each_leave_one_whole_line(backend, tmp_path):
 
 
 # -- a real llama-server ----------------------------------------------------------------------------
-
-def wait_http(url: str, proc: subprocess.Popen, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"{proc.args[0]} exited with {proc.returncode}"
-        try:
-            if httpx2.get(url, timeout=1).status_code == 200:
-                return
-        except httpx2.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not come up")
-
 
 @pytest.fixture(scope="module")
 def llama_server(tiny_phi3_dir, tmp_path_factory):

@@ -286,7 +286,7 @@ async function refreshAudit() {
   }
   const rows = [...data.entries].reverse().map((e) => [
     String(e.time ?? e.ts ?? "").slice(11, 19),
-    el("code", {}, String(e.request_id ?? "").slice(0, 8)),
+    el("span", {}, el("code", {}, String(e.request_id ?? "").slice(0, 8)), ` ${e.api ?? "think"}`),
     el("span", { class: `outcome ${e.outcome === "ok" ? "pass" : "fail"}` }, String(e.outcome ?? "")),
     el("span", { class: "hashes" }, ...hashes(e)),
   ]);

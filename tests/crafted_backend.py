@@ -1,0 +1,103 @@
+"""A crafted OpenAI-compatible backend for the serving tests: it replies with whatever a test
+sets (hostile replies included), as JSON or SSE, and records what it was asked and whether a
+stream was cut off. uvicorn in a thread, on a free loopback port."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import threading
+import time
+
+import httpx2
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+SECRET = "θψΩ秘密"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"{proc.args[0]} exited with {proc.returncode}"
+        try:
+            if httpx2.get(url, timeout=1).status_code == 200:
+                return
+        except httpx2.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not come up")
+
+
+class Backend:
+    """Replies with `content` (and `fields`), as JSON or as SSE in `chunk`-character pieces;
+    `status` other than 200 answers that (its body holds SECRET); `delay` waits first; `stall`
+    waits between streamed pieces; `usage` is sent as OpenAI's usage (streamed: in a last chunk
+    with no choices, when asked with stream_options.include_usage). `cut` counts streams that
+    the other side closed before their end."""
+
+    def __init__(self):
+        self.reset()
+        app = FastAPI()
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            body = await request.json()
+            self.requests.append(body)
+            await asyncio.sleep(self.delay)
+            if self.status != 200:
+                return JSONResponse({"error": {"message": SECRET}}, status_code=self.status)
+            if not body.get("stream"):
+                return {"choices": [{"message": {"role": "assistant", "content": self.content, **self.fields}}],
+                        **({"usage": self.usage} if self.usage else {})}
+            with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(self._events(with_usage), media_type="text/event-stream")
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def reset(self) -> None:
+        self.content, self.fields, self.chunk, self.status, self.delay = "<final>ok</final>", {}, 3, 200, 0.0
+        self.stall, self.usage, self.cut = 0.0, None, 0
+        self.requests: list[dict] = []
+
+    async def _events(self, with_usage: bool):
+        finished = False
+        try:
+            for name, text in self.fields.items():
+                yield f"data: {json.dumps({'choices': [{'delta': {name: text}}]})}\n\n"
+            for i in range(0, len(self.content), self.chunk):
+                if i:
+                    await asyncio.sleep(self.stall)
+                yield f"data: {json.dumps({'choices': [{'delta': {'content': self.content[i:i + self.chunk]}}]})}\n\n"
+            if with_usage and self.usage:
+                yield f"data: {json.dumps({'choices': [], 'usage': self.usage})}\n\n"
+            yield "data: [DONE]\n\n"
+            finished = True
+        finally:
+            if not finished:
+                self.cut += 1
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> Backend:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
