@@ -111,7 +111,7 @@ def merged_weight(name: str, w: torch.Tensor, adapter: LoraAdapter, soul: SoulSt
     if not w.is_floating_point():
         return w
     if base_weights is not None:
-        w = base_weights(name, w).float()
+        w = base_weights(name, w)
     if name in adapter.factors:
         w = adapter.merge_into(name, w)
     if name == HEAD:

@@ -39,6 +39,9 @@ RUNTIME = 0.9 * GB
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "f32": 4, "f16": 2, "bf16": 2, "q8_0": 1.0625}
 NF4_BYTES = 0.5 + 4 / 64  # 4-bit codes + one float32 absmax per 64 (double quant stores less)
 TRAIN_LOAD_FACTOR = 1.45  # train's resident NF4 layers over their stored size, measured at full size
+# fuse's peak per head parameter while it folds the soul into the head (bench/fullsize.py --family qwen3:
+# 2.73 GB, RUNTIME + 4.7 bytes per parameter of the 389M-parameter head)
+FUSE_HEAD_BYTES = 6
 # quantize's gate holds more beside llama.cpp's KV cache, scores and logits than convert's
 # (measured at Phi-3.5-mini's full size: 3.50 GB where RUNTIME + served_gate_memory gives 3.18)
 QUANTIZE_GATE_FACTOR = 1.25
@@ -238,8 +241,9 @@ def stage_needs(cfg: Config, stage: str, shape: Shape | None = None) -> Need:
         if not cfg.fidelity.enabled and cfg.fuse.merge_base != "auto":
             return Need(RUNTIME + table * 6, out)
         # layer by layer: a stored layer (bf16), one variant in float32 and the NF4 round
-        # trip's temporaries; or the head stored, in float32 and being folded
-        return Need(RUNTIME + max(layer * 13, table * 13), out)  # measured 2.3 GB at full size
+        # trip's temporaries (measured 2.30 GB at Phi-3.5-mini's size); or the head, stored and
+        # folded a block of rows at a time (measured 2.73 GB at Qwen3-4B's tied 151936 x 2560)
+        return Need(RUNTIME + max(layer * 13, table * FUSE_HEAD_BYTES), out)
     if stage == "convert":
         out = shape.params * BYTES[cfg.gguf.outtype]
         layers = min(shape.layers, cfg.fidelity.f32_slice_layers)

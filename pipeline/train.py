@@ -42,6 +42,8 @@ from .resources import require
 from .soul import (
     SOUL_FILE, SO8Soul, SoulHead, alpha_at, load_soul, orthogonality_error, phase_at, save_soul, sigmoid,
 )
+from .tensors import return_freed_memory_eagerly
+
 
 def use_nf4(cfg: Config, device: torch.device) -> bool:
     """`auto` means NF4 where CUDA is present, full precision elsewhere."""
@@ -520,6 +522,7 @@ def train(cfg: Config) -> Path:
         print(f"[train] {final} is already trained with this config and data; nothing to do")
         return final
     require(cfg, "train")
+    return_freed_memory_eagerly()
     trainer = Trainer(cfg, splits, data_sha256)
     trainer.setup()
     return trainer.train()

@@ -127,11 +127,11 @@ def test_qwen3_4b_shape_is_the_real_one():
 
 
 STAGES = ("train", "fuse", "convert", "imatrix", "quantize")
-# Measured at Qwen3-4B's full size (bench/fullsize.py --family qwen3, 2 cores, 24 GB): train 6.59 GB
-# (bound 6), fuse 5.63 GB (bound 3.5; 3.88 GB since 497e0ef); the estimates (6.64 at the bench's 256
-# tokens, 5.96) say so before the stage starts. They come down with the stages.
-UNMET = {("qwen3", "train"): "train measured 6.59 GB at Qwen3-4B's size, bound 6 GB",
-         ("qwen3", "fuse"): "fuse measured 3.88 GB at Qwen3-4B's size, bound 3.5 GB"}
+# Measured at Qwen3-4B's full size (bench/fullsize.py --family qwen3, 2 cores, 24 GB): every stage
+# within its bound at the bench's 256 tokens (train 5.13 GB, fuse 2.73, convert 3.10, quantize 3.07).
+# At config.yaml's 512 tokens train peaked at 10.0 GB: the estimate (7.34) says it is over the bound,
+# though by less than it is (README, Model families).
+UNMET = {("qwen3", "train"): "train measured 10.0 GB at Qwen3-4B's size and 512 tokens, bound 6 GB"}
 
 
 @pytest.mark.parametrize("family,stage", [
