@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from langchain_openai import ChatOpenAI
+from starlette.testclient import TestClient
 
 from conftest import REPO
 from crafted_backend import SECRET, Backend, free_port, wait_http
@@ -28,6 +29,7 @@ from metrics_fixture import fixture_config
 from pipeline import llamacpp
 from pipeline.audit import verify
 from pipeline.config import load_config
+from pipeline.serve import ServeSettings, create_app
 from pipeline.thinking import filter_reply
 
 TOKEN = "t0ken-for-tests-0123456789"
@@ -277,6 +279,37 @@ def test_what_is_not_supported_is_a_400_naming_the_field(api, backend, extra, pa
                                     extra_body={k: v for k, v in body.items() if k not in ("model", "messages")})
     assert err.value.body["param"] == param and err.value.body["type"] == "invalid_request_error"
     assert backend.requests == []
+
+
+def test_the_limits_of_think_hold_on_v1_in_openai_shape(backend, tmp_path):
+    """Body limit, backend down, backend timeout (before and during a stream), bad JSON: the
+    statuses of /think, in OpenAI's error body, each leaving its audit line."""
+    backend.reset()
+    log = tmp_path / "think.jsonl"
+    settings = dict(backend_url=backend.url, backend_model=MODEL, audit_path=log, max_body_bytes=2048,
+                    backend_timeout=0.3)
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "p"}]}
+    with TestClient(create_app(ServeSettings(**settings))) as client:
+        r = client.post("/v1/chat/completions", json={**chat, "messages": [{"role": "user", "content": "x" * 4000}]})
+        assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+        r = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+        backend.delay = 1.0
+        r = client.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 504 and "sent nothing for 0.3 s" in r.json()["error"]["message"]
+        assert r.json()["error"]["type"] == "server_error"
+        backend.reset()
+        backend.content, backend.chunk, backend.stall = "<final>abc</final>", 8, 1.0
+        with client.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as s:
+            raw = s.read().decode()
+        events = [json.loads(x[len("data: "):]) for x in raw.split("\n\n") if x.startswith("data: ")]
+        assert "sent nothing for 0.3 s" in events[-1]["error"]["message"] and "[DONE]" not in raw
+    with TestClient(create_app(ServeSettings(**{**settings, "backend_url": f"http://127.0.0.1:{free_port()}/v1"}))) as c:
+        r = c.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 503 and "not reachable" in r.json()["error"]["message"]
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [(x["api"], x["outcome"]) for x in lines] == [
+        ("v1", "backend_timeout"), ("v1", "backend_timeout"), ("v1", "backend_unavailable")]
 
 
 def test_another_model_is_404_and_neutral_defaults_pass(api, backend):
