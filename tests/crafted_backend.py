@@ -16,6 +16,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 SECRET = "θψΩ秘密"
+# Replies built from these pieces hold SECRET only as thinking (the final and outside text are other
+# words; an unclosed final streams its text before the error, which is final text, not thinking).
+HOSTILE_PIECES = (
+    f"<think>{SECRET}", "</think>", f"<THINK-a >{SECRET}</think-a>", "<final>", "</final>", "ok ", "sure ",
+    "< final >", "<thinking>", f"<final>ok<think>{SECRET}", "</ Final>")
 
 
 def free_port() -> int:

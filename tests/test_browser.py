@@ -13,18 +13,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from playwright.sync_api import sync_playwright
 
 from conftest import REPO
+from crafted_backend import free_port, wait_http
 from makeutil import make
 from metrics_fixture import fixture_config, metric_rows, write_metrics
 from pipeline.config import load_config
@@ -65,25 +64,6 @@ class ChatBackend(BaseHTTPRequestHandler):
         pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"serve exited {proc.returncode}: {proc.stdout.read()}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"{url} did not answer in {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(cfg, base URL) of a serve process on the fixture run, its backend the crafted one."""
@@ -100,7 +80,7 @@ def server(tmp_path_factory):
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "MAKEFLAGS": ""})
     try:
-        wait_for(f"http://127.0.0.1:{port}/healthz", proc)
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
         yield cfg, f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()

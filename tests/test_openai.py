@@ -23,7 +23,7 @@ from langchain_openai import ChatOpenAI
 from starlette.testclient import TestClient
 
 from conftest import REPO
-from crafted_backend import SECRET, Backend, free_port, wait_http
+from crafted_backend import HOSTILE_PIECES, SECRET, Backend, free_port, wait_http
 from makeutil import needs_llama_cpp
 from metrics_fixture import fixture_config
 from pipeline import llamacpp
@@ -204,9 +204,7 @@ def test_stop_strings_cut_the_final_not_the_thinking(api, backend):
 
 # -- no thinking leaves, whatever the reply --------------------------------------------------------
 
-hostile = st.lists(st.sampled_from([
-    f"<think>{SECRET}", "</think>", f"<THINK-a >{SECRET}</think-a>", "<final>", "</final>", "ok ", "sure ",
-    "< final >", "<thinking>", f"<final>ok<think>{SECRET}", "</ Final>"]), max_size=8).map("".join)
+hostile = st.lists(st.sampled_from(HOSTILE_PIECES), max_size=8).map("".join)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from conftest import REPO
-from crafted_backend import SECRET, Backend, free_port, wait_http
+from crafted_backend import HOSTILE_PIECES, SECRET, Backend, free_port, wait_http
 from makeutil import needs_llama_cpp
 from metrics_fixture import fixture_config
 from pipeline import llamacpp
@@ -92,11 +92,7 @@ def test_stream_sends_only_final_deltas_then_done(make_client, backend, tmp_path
 
 # -- no thinking leaves, whatever the reply --------------------------------------------------------
 
-# SECRET appears only as thinking (final and outside text are other words; an unclosed final
-# streams its text before the error, which is final text, not thinking).
-hostile = st.lists(st.sampled_from([
-    f"<think>{SECRET}", "</think>", f"<THINK-a >{SECRET}</think-a>", "<final>", "</final>", "ok ", "sure ",
-    "< final >", "<thinking>", f"<final>ok<think>{SECRET}", "</ Final>"]), max_size=8).map("".join)
+hostile = st.lists(st.sampled_from(HOSTILE_PIECES), max_size=8).map("".join)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
