@@ -104,6 +104,9 @@ class DataSection(_Section):
     overlong: Literal["truncate_prompt", "drop"] = "truncate_prompt"
     validation_fraction: float = Field(default=0.05, ge=0, lt=1)
     pii: PiiSection = PiiSection()
+    # Credentials (API keys, tokens, private keys, password= assignments) in any turn:
+    # drop the example, mask each, or keep them (pipeline/data/credentials.py).
+    secrets: Literal["drop", "mask", "keep"] = "drop"
     dedup: DedupSection = DedupSection()
     packing: bool = False
 
@@ -391,7 +394,7 @@ def looks_local(base: str) -> bool:
 # registration, and changing a quantization type re-runs only quantize onward.
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     # The prepared dataset is tokenizer-independent; what tokenization does with it is train's.
-    "data": ("run.seed", "data.train", "data.validation_fraction", "data.pii", "data.dedup"),
+    "data": ("run.seed", "data.train", "data.validation_fraction", "data.pii", "data.secrets", "data.dedup"),
     "train": ("run.seed", "model", "data.max_length", "data.overlong", "data.packing", "train", "soul"),
     # Each gated stage follows its own bound only: a tighter quantize bound re-runs quantize, not fuse.
     "fuse": ("fuse", "fidelity.enabled", "fidelity.max_kl_fused"),

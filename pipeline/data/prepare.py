@@ -2,16 +2,17 @@
 
 The story of a run: `read_all` reads every source and converts each row to a
 record (a bad row stops the stage, naming the source, the row, the format
-expected and the keys seen); `apply_policies` masks or drops personal
-information (`data.pii`) and removes exact and near duplicates (`data.dedup`);
+expected and the keys seen); `apply_policies` drops or masks credentials
+(`data.secrets`), masks or drops personal information (`data.pii`) and removes
+exact and near duplicates (`data.dedup`);
 `split` puts each kept example in train or validation by a seeded hash of its
 content, so appending lines never moves an old example; `write_prepared`
 writes `<run>/data/train.jsonl` and `validation.jsonl` (only when their
 content changed, so an unchanged dataset retrains nothing) and `data.json`
 (each file's sha256 and size) last; `write_report` writes
 `reports/data.json` and `data.md`: counts per source and category, and the
-PII detectors' recall and false-positive rate on the bundled corpus
-`data/pii_corpus.jsonl`.
+PII and credential detectors' recall and false-positive rate on the bundled
+corpora `data/pii_corpus.jsonl` and `data/secrets_corpus.jsonl`.
 
 The prepared records are text (messages or text) with their provenance (the
 source and row they came from): tokenizer-independent, so changing the base
@@ -30,6 +31,7 @@ from ..config import PROJECT_DIR, Config
 from ..constants import PREPARED_MARKER
 from ..errors import DataError
 from ..integrity import file_record, folder_problem, verify_folder
+from .credentials import SECRET_KINDS, apply_secrets_policy, find_secrets
 from .dedup import Deduplicator, content_key
 from .formats import to_record
 from .pii import PII_CATEGORIES, apply_policy, scan
@@ -37,6 +39,7 @@ from .sources import read_jsonl, read_source
 
 SPLITS = ("train", "validation")
 PII_CORPUS = PROJECT_DIR / "data" / "pii_corpus.jsonl"
+SECRETS_CORPUS = PROJECT_DIR / "data" / "secrets_corpus.jsonl"
 
 
 @dataclass
@@ -47,6 +50,9 @@ class Tally:
     pii_found: Counter = field(default_factory=Counter)  # finds per category
     pii_examples: Counter = field(default_factory=Counter)  # examples with a find, per category
     pii_dropped: int = 0
+    secrets_found: Counter = field(default_factory=Counter)  # finds per kind of credential
+    secrets_examples: Counter = field(default_factory=Counter)  # examples with a find, per kind
+    secrets_dropped: int = 0
     duplicates: Counter = field(default_factory=Counter)  # exact, near
     kept: Counter = field(default_factory=Counter)  # per split
 
@@ -63,13 +69,20 @@ def read_all(cfg: Config, tally: Tally) -> list[dict]:
 
 
 def apply_policies(cfg: Config, records: list[dict], tally: Tally) -> list[dict]:
-    """Records after the PII policy and duplicate removal, in their original order."""
+    """Records after the credentials and PII policies and duplicate removal, in their original order.
+    Credentials are looked for first, in the text as written (a PII mask could cut a key in two)."""
     policy = cfg.data.pii.model_dump()
     d = cfg.data.dedup
     dedup = Deduplicator(exact=d.exact, near=d.near, threshold=d.threshold)
     kept = []
     for rec in records:
         source = rec.pop("source")
+        rec, secrets = apply_secrets_policy(rec, cfg.data.secrets)
+        tally.secrets_found.update(secrets)
+        tally.secrets_examples.update(secrets.keys())
+        if rec is None:
+            tally.secrets_dropped += 1
+            continue
         cleaned, found = apply_policy(rec, policy)
         tally.pii_found.update(found)
         tally.pii_examples.update(found.keys())
@@ -97,6 +110,7 @@ def split(cfg: Config, records: list[dict], tally: Tally) -> dict[str, list[dict
         out["validation" if in_validation(body, cfg.run.seed, cfg.data.validation_fraction) else "train"].append(rec)
     if not out["train"]:
         raise DataError(f"data: no training example left ({sum(tally.read.values())} read, "
+                        f"{tally.secrets_dropped} dropped for credentials, "
                         f"{tally.pii_dropped} dropped for personal information, "
                         f"{sum(tally.duplicates.values())} duplicates, {len(out['validation'])} in validation)")
     tally.kept.update({s: len(v) for s, v in out.items()})
@@ -139,14 +153,42 @@ def pii_detector_figures(corpus: Path = PII_CORPUS) -> dict[str, dict]:
     return figures
 
 
+def secrets_detector_figures(corpus: Path = SECRETS_CORPUS) -> dict[str, dict]:
+    """Recall and false positives of the credential detectors on a labelled corpus.
+
+    Each line: {"kind", "text", "secret": true|false}; kind is the credential's kind for a
+    positive (found when that kind fires) and what the look-alike imitates for a negative
+    (placeholders, hashes, UUIDs, code; a false positive when any kind fires on it).
+    """
+    figures = {k: {"positives": 0, "found": 0, "negatives": 0, "false_positives": 0} for k in SECRET_KINDS}
+    for n, rec in read_jsonl(corpus):
+        if not isinstance(rec, dict) or rec.get("kind") not in figures or not isinstance(rec.get("secret"), bool):
+            raise DataError(f"{corpus}:{n}: expected {{\"kind\": one of {', '.join(SECRET_KINDS)}, \"text\", "
+                            f"\"secret\": true|false}}; saw {rec!r:.60}")
+        kinds = {f.kind for f in find_secrets(rec["text"])}
+        f = figures[rec["kind"]]
+        if rec["secret"]:
+            f["positives"] += 1
+            f["found"] += rec["kind"] in kinds
+        else:
+            f["negatives"] += 1
+            f["false_positives"] += bool(kinds)
+    return figures
+
+
 def write_report(cfg: Config, tally: Tally) -> None:
     detectors = pii_detector_figures()
+    secret_detectors = secrets_detector_figures()
     report = {
         "inputs_sha256": cfg.section_digest("data"),
         "read": dict(tally.read),
         "pii": {c: {"policy": getattr(cfg.data.pii, c), "found": tally.pii_found[c],
                     "examples": tally.pii_examples[c]} for c in PII_CATEGORIES},
         "pii_dropped_examples": tally.pii_dropped,
+        "secrets": {"policy": cfg.data.secrets, "dropped_examples": tally.secrets_dropped,
+                    "found": {k: tally.secrets_found[k] for k in SECRET_KINDS},
+                    "examples": {k: tally.secrets_examples[k] for k in SECRET_KINDS}},
+        "secrets_detectors": secret_detectors,
         "duplicates": {"exact": tally.duplicates["exact"], "near": tally.duplicates["near"]},
         "kept": {s: tally.kept[s] for s in SPLITS},
         "pii_detectors": detectors,
@@ -156,6 +198,7 @@ def write_report(cfg: Config, tally: Tally) -> None:
     lines += ["", f"Kept: {tally.kept['train']} train, {tally.kept['validation']} validation "
               f"(seeded split, validation_fraction {cfg.data.validation_fraction}). "
               f"Duplicates removed: {tally.duplicates['exact']} exact, {tally.duplicates['near']} near. "
+              f"Dropped for credentials: {tally.secrets_dropped}. "
               f"Dropped for personal information: {tally.pii_dropped}.", "",
               "## Personal information", "",
               "| category | policy | finds | examples | detector recall | detector false positives |",
@@ -165,7 +208,15 @@ def write_report(cfg: Config, tally: Tally) -> None:
         lines.append(f"| {c} | {getattr(cfg.data.pii, c)} | {tally.pii_found[c]} | {tally.pii_examples[c]} | "
                      f"{f['found']}/{f['positives']} | {f['false_positives']}/{f['negatives']} |")
     lines += ["", f"Detector figures: the bundled corpus data/pii_corpus.jsonl (Japanese and English, "
-              "positives and look-alikes per category)."]
+              "positives and look-alikes per category).", "",
+              "## Credentials", "", f"Policy `data.secrets`: {cfg.data.secrets}.", "",
+              "| kind | finds | examples | detector recall | detector false positives |", "|---|---:|---:|---:|---:|"]
+    for k in SECRET_KINDS:
+        f = secret_detectors[k]
+        lines.append(f"| {k} | {tally.secrets_found[k]} | {tally.secrets_examples[k]} | "
+                     f"{f['found']}/{f['positives']} | {f['false_positives']}/{f['negatives']} |")
+    lines += ["", "Detector figures: the bundled corpus data/secrets_corpus.jsonl (credentials of each kind "
+              "in Japanese and English text, and look-alikes: placeholders, hashes, UUIDs, code)."]
     cfg.reports_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg.reports_dir / "data.md", "\n".join(lines) + "\n")
     atomic_write_text(cfg.data_report, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
