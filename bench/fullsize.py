@@ -139,7 +139,9 @@ def bench_config(work: Path, base: Path, steps: int, device: str) -> Path:
     # The bundled Japanese chat lines in place of the hub dataset: none can be fetched here, and their
     # content does not change any stage's cost past training's (fixed-length windows). config.yaml's
     # data policy (PII, duplicates, split, packing) applies to them as to the real data.
-    cfg["data"].update(train=[{"path": str(REPO / "data" / "demo_ja.jsonl"), "format": "messages"}],
+    # config.yaml's licenses.allow applies; the bundled lines are this project's own (no license declared).
+    cfg["data"].update(train=[{"path": str(REPO / "data" / "demo_ja.jsonl"), "format": "messages",
+                               "license_acknowledged": True}],
                        max_length=256)
     cfg["eval"]["heldout"] = str(REPO / cfg["eval"]["heldout"])
     if cfg["gguf"]["imatrix"].get("calibration"):

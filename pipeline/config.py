@@ -76,6 +76,10 @@ class DataSource(_Section):
     column: str | None = None  # messages format: the chat column (default: messages, conversations or conversation)
     columns: dict[str, str] = Field(default_factory=dict)  # the format's key -> the source's column
     max_examples: int | None = Field(default=None, ge=1)
+    # Its license, an SPDX-like id (a hub dataset's card says it; this is for a card without one).
+    license: str | None = Field(default=None, min_length=1)
+    # The user has checked the source's terms: data.licenses.allow does not refuse it.
+    license_acknowledged: bool = False
 
 
 PiiPolicy = Literal["mask", "drop", "keep"]
@@ -97,6 +101,12 @@ class DedupSection(_Section):
     threshold: float = Field(default=0.85, gt=0, le=1)  # Jaccard similarity of character 5-grams
 
 
+class LicensesSection(_Section):
+    # SPDX-like ids (apache-2.0, cc-by-4.0, ...); a source whose license is unknown or not listed
+    # stops `make data` unless it sets license_acknowledged. None: nothing is refused.
+    allow: list[str] | None = None
+
+
 class DataSection(_Section):
     # One path (format auto) or a list of sources.
     train: str | list[DataSource] = Field(min_length=1)
@@ -107,6 +117,7 @@ class DataSection(_Section):
     # Credentials (API keys, tokens, private keys, password= assignments) in any turn:
     # drop the example, mask each, or keep them (pipeline/data/credentials.py).
     secrets: Literal["drop", "mask", "keep"] = "drop"
+    licenses: LicensesSection = LicensesSection()
     dedup: DedupSection = DedupSection()
     packing: bool = False
 
@@ -394,7 +405,8 @@ def looks_local(base: str) -> bool:
 # registration, and changing a quantization type re-runs only quantize onward.
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     # The prepared dataset is tokenizer-independent; what tokenization does with it is train's.
-    "data": ("run.seed", "data.train", "data.validation_fraction", "data.pii", "data.secrets", "data.dedup"),
+    "data": ("run.seed", "data.train", "data.validation_fraction", "data.pii", "data.secrets", "data.licenses",
+             "data.dedup"),
     "train": ("run.seed", "model", "data.max_length", "data.overlong", "data.packing", "train", "soul"),
     # Each gated stage follows its own bound only: a tighter quantize bound re-runs quantize, not fuse.
     "fuse": ("fuse", "fidelity.enabled", "fidelity.max_kl_fused"),

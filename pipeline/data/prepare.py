@@ -33,9 +33,10 @@ from ..errors import DataError
 from ..integrity import file_record, folder_problem, verify_folder
 from .credentials import SECRET_KINDS, apply_secrets_policy, find_secrets
 from .dedup import Deduplicator, content_key
+from .licenses import license_problem, source_licenses
 from .formats import to_record
 from .pii import PII_CATEGORIES, apply_policy, scan
-from .sources import read_jsonl, read_source
+from .sources import read_jsonl, read_source, source_name
 
 SPLITS = ("train", "validation")
 PII_CORPUS = PROJECT_DIR / "data" / "pii_corpus.jsonl"
@@ -47,6 +48,7 @@ class Tally:
     """What happened to the examples, for the report."""
 
     read: Counter = field(default_factory=Counter)  # per source
+    licenses: dict = field(default_factory=dict)  # per source: license(s), revision, acknowledged
     pii_found: Counter = field(default_factory=Counter)  # finds per category
     pii_examples: Counter = field(default_factory=Counter)  # examples with a find, per category
     pii_dropped: int = 0
@@ -57,8 +59,25 @@ class Tally:
     kept: Counter = field(default_factory=Counter)  # per split
 
 
+def check_licenses(cfg: Config, tally: Tally) -> None:
+    """Each source's license (pipeline/data/licenses.py), recorded for the report; a DataError naming
+    every source that data.licenses.allow refuses, before any row is read."""
+    problems = []
+    for src in cfg.data.sources:
+        name = source_name(src)
+        licenses = source_licenses(src, name, cfg.resolve)
+        tally.licenses[name] = {"license": licenses, "revision": src.revision if src.hub else None,
+                                "acknowledged": src.license_acknowledged}
+        problem = license_problem(name, licenses, cfg.data.licenses.allow, src.license_acknowledged)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise DataError("data.licenses: " + ("\n  - ".join([""] + problems) if len(problems) > 1 else problems[0]))
+
+
 def read_all(cfg: Config, tally: Tally) -> list[dict]:
     """Every source's rows as records with their provenance ("source": where it came from)."""
+    check_licenses(cfg, tally)
     records = []
     for src in cfg.data.sources:
         name, rows = read_source(src, cfg.resolve)
@@ -182,6 +201,7 @@ def write_report(cfg: Config, tally: Tally) -> None:
     report = {
         "inputs_sha256": cfg.section_digest("data"),
         "read": dict(tally.read),
+        "sources": tally.licenses,
         "pii": {c: {"policy": getattr(cfg.data.pii, c), "found": tally.pii_found[c],
                     "examples": tally.pii_examples[c]} for c in PII_CATEGORIES},
         "pii_dropped_examples": tally.pii_dropped,
@@ -193,8 +213,11 @@ def write_report(cfg: Config, tally: Tally) -> None:
         "kept": {s: tally.kept[s] for s in SPLITS},
         "pii_detectors": detectors,
     }
-    lines = ["# Training data", "", "| source | rows read |", "|---|---:|"]
-    lines += [f"| {name} | {n} |" for name, n in tally.read.items()]
+    lines = ["# Training data", "", "| source | license | revision | rows read |", "|---|---|---|---:|"]
+    for name, n in tally.read.items():
+        lic = tally.licenses.get(name, {})
+        ack = " (acknowledged)" if lic.get("acknowledged") else ""
+        lines.append(f"| {name} | {', '.join(lic.get('license', []))}{ack} | {lic.get('revision') or '-'} | {n} |")
     lines += ["", f"Kept: {tally.kept['train']} train, {tally.kept['validation']} validation "
               f"(seeded split, validation_fraction {cfg.data.validation_fraction}). "
               f"Duplicates removed: {tally.duplicates['exact']} exact, {tally.duplicates['near']} near. "

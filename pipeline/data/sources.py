@@ -84,21 +84,27 @@ def _with_datasets(what: str, load) -> list[tuple[int, object]]:
     return list(enumerate(ds, start=1))
 
 
+def source_name(src) -> str:
+    """How reports and errors name a source: the file as configured, or owner/name[split]."""
+    if src.hub is None:
+        return src.path
+    return f"{src.hub}{':' + src.subset if src.subset else ''}[{src.split}]"
+
+
 def read_source(src, resolve) -> tuple[str, list[Row]]:
     """Rows of one source (a config DataSource), at most src.max_examples.
 
     `resolve` turns a configured path into a Path. Returns the source's name
     (the file as configured, or `owner/name[split]`, `owner/name:subset[split]`) and its rows.
     """
+    name = source_name(src)
     if src.hub is not None:
-        name = f"{src.hub}{':' + src.subset if src.subset else ''}[{src.split}]"
-        folder = resolve(src.hub) if _is_local_folder(src.hub, resolve) else _hub_snapshot(src)
+        folder = hub_folder(src, resolve)
         rows = _with_datasets(name, lambda: datasets.load_dataset(
             str(folder), name=src.subset, split=src.split))
         out = [Row(f"{name} row {n}", rec) for n, rec in rows]
     else:
         path = resolve(src.path)
-        name = src.path
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
             rows = read_jsonl(path)
@@ -119,6 +125,11 @@ def read_source(src, resolve) -> tuple[str, list[Row]]:
     if not out:
         raise DataError(f"{name}: no examples (the source is empty)")
     return name, out
+
+
+def hub_folder(src, resolve) -> Path:
+    """A hub source's repository folder: the local folder it names, else its snapshot at src.revision."""
+    return resolve(src.hub) if _is_local_folder(src.hub, resolve) else _hub_snapshot(src)
 
 
 def _hub_snapshot(src) -> Path:
