@@ -7,6 +7,7 @@ import json
 import pytest
 
 from conftest import small_config, write_config
+from makeutil import make, run_make
 from pipeline.config import load_config
 from pipeline.data.prepare import prepare_data
 from pipeline.errors import DataError
@@ -81,3 +82,23 @@ def test_without_an_allow_list_nothing_is_refused_and_the_report_says_unknown(tm
     cfg = config(tmp_path, tiny_phi3_dir, [local_source(tmp_path)], allow=None)
     prepare_data(cfg)
     assert "| unknown | - | 10 |" in (cfg.reports_dir / "data.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.reliability("bad-input")
+def test_through_make_data_a_noncommercial_card_is_refused_until_acknowledged(tmp_path, tiny_phi3_dir):
+    """`make data` on a hub dataset whose card says cc-by-nc-4.0: exit 2 naming it, nothing prepared;
+    with license_acknowledged it runs; a local source without a license is refused the same way."""
+    def write(sources):
+        data = {"train": sources, "validation_fraction": 0.0, "licenses": {"allow": ALLOW}}
+        return write_config(tmp_path / "c.yaml", small_config(tiny_phi3_dir, tmp_path / "build", data=data))
+
+    hub = hub_source(tmp_path, "cc-by-nc-4.0")
+    proc = run_make(write([hub]), "data")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "has license cc-by-nc-4.0, which data.licenses.allow does not list" in out
+    assert "Traceback" not in out and not (tmp_path / "build" / "t" / "data").exists()
+    proc = run_make(write([local_source(tmp_path)]), "data")
+    assert proc.returncode != 0 and "local.jsonl: has no known license" in proc.stdout + proc.stderr
+    make(write([{**hub, "license_acknowledged": True}]), "data")
+    md = (tmp_path / "build" / "t" / "reports" / "data.md").read_text(encoding="utf-8")
+    assert "cc-by-nc-4.0 (acknowledged)" in md
