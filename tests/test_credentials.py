@@ -77,7 +77,7 @@ def test_the_data_stage_drops_credentials_by_default_and_reports_them(tmp_path, 
     write_data(data, [{"messages": [{"role": "user", "content": f"キー {GITHUB} を覚えて"},
                                     {"role": "assistant", "content": "わかりました。"}]},
                       {"messages": [{"role": "user", "content": "設定は？"},
-                                    {"role": "assistant", "content": f"password=hunter2x を使います"}]}])
+                                    {"role": "assistant", "content": "password=hunter2x を使います"}]}])
     settings = small_config(tiny_phi3_dir, tmp_path / "build", data={"train": str(data), "validation_fraction": 0.0})
     cfg = load_config(write_config(tmp_path / "c.yaml", settings))
     assert cfg.data.secrets == "drop"

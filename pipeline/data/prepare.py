@@ -230,7 +230,7 @@ def write_report(cfg: Config, tally: Tally) -> None:
         f = detectors[c]
         lines.append(f"| {c} | {getattr(cfg.data.pii, c)} | {tally.pii_found[c]} | {tally.pii_examples[c]} | "
                      f"{f['found']}/{f['positives']} | {f['false_positives']}/{f['negatives']} |")
-    lines += ["", f"Detector figures: the bundled corpus data/pii_corpus.jsonl (Japanese and English, "
+    lines += ["", "Detector figures: the bundled corpus data/pii_corpus.jsonl (Japanese and English, "
               "positives and look-alikes per category).", "",
               "## Credentials", "", f"Policy `data.secrets`: {cfg.data.secrets}.", "",
               "| kind | finds | examples | detector recall | detector false positives |", "|---|---:|---:|---:|---:|"]
