@@ -105,8 +105,8 @@ serve: $(UI_READY)
 
 # ---- the pipeline (see pipeline.mk) --------------------------------------
 
-.PHONY: data train fuse gguf modelfile ollama ollama-run monitor plots eval serve
-data train fuse: $(VENV_READY)
+.PHONY: data train fuse model-card gguf modelfile ollama ollama-run monitor plots eval serve
+data train fuse model-card: $(VENV_READY)
 	@$(call locked,$(CONFIG)) $(SUBMAKE) $@ CONFIG="$(CONFIG)"
 gguf modelfile ollama ollama-run eval: $(VENV_READY) $(LLAMA_READY)
 	@$(call locked,$(CONFIG)) $(SUBMAKE) $@ CONFIG="$(CONFIG)" PROMPT="$(PROMPT)"
@@ -119,7 +119,8 @@ serve: $(VENV_READY)
 	@$(SUBMAKE) $@ CONFIG="$(CONFIG)" SERVE_ARGS="$(SERVE_ARGS)"
 data: ## Prepare the training data: data/ (train, validation), reports/data.md
 train: ## Train LoRA + soul: checkpoints/final
-fuse: ## Merge LoRA and fold the soul: fused/ (HF model)
+fuse: ## Merge LoRA and fold the soul: fused/ (HF model, with its model card)
+model-card: ## Rewrite the model card fused/README.md when a figure it states changed
 gguf: ## Convert and quantize: gguf/*.gguf
 modelfile: ## Render the Ollama Modelfile
 ollama: ## Register the model with Ollama and check that it answers

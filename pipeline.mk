@@ -33,15 +33,16 @@ include $(PLAN_FILE)
 why = $(if $(wildcard $@),$(patsubst $(RUN_DIR)/%,%,$?) changed,$(patsubst $(RUN_DIR)/%,%,$@) does not exist)
 announce = @echo "==> [$(1)] building $(patsubst $(RUN_DIR)/%,%,$@) because $(why)"
 
-.PHONY: data train fuse gguf modelfile ollama plots eval
+.PHONY: data train fuse gguf modelfile ollama plots eval model-card
 data: $(DATA_REPORT)
 train: $(CHECKPOINT)
-fuse: $(FUSED)
-gguf: $(QUANTIZED)
+fuse: $(FUSED) $(MODEL_CARD)
+gguf: $(QUANTIZED) $(MODEL_CARD)
 modelfile: $(MODELFILE)
 ollama: $(OLLAMA_STAMP)
 plots: $(PLOTS)
-eval: $(EVAL_PASSED)
+eval: $(EVAL_PASSED) $(MODEL_CARD)
+model-card: $(MODEL_CARD)
 
 # The data stage writes its report on every run, and the prepared files only when
 # their content changes: a data.* change that keeps the same examples retrains nothing.
@@ -58,6 +59,18 @@ $(CHECKPOINT): $(STAMP_DIR)/train.stamp $(PREPARED) $(BASE_DEPS)
 $(FUSED): $(CHECKPOINT) $(STAMP_DIR)/fuse.stamp
 	$(call announce,fuse)
 	$(PIPE) fuse --config "$(CONFIG)"
+
+# The model card, fused/README.md (pipeline/modelcard.py). Fuse writes it; convert, quantize
+# and eval refresh it with the figures they record. This rule catches any other change of
+# what it states: its prerequisites are exactly its inputs that exist (a report not written
+# yet is no prerequisite, so asking for the card never runs eval). Its record is rewritten on
+# every run and the card only when its bytes change, so registration, which carries the
+# card to Ollama, follows the card's content, as the prepared data follow the data report.
+$(CARD_RECORD): $(FUSED) $(DATA_REPORT) $(wildcard $(CARD_INPUTS))
+	$(call announce,card)
+	$(PIPE) model-card --config "$(CONFIG)"
+
+$(MODEL_CARD): $(CARD_RECORD) ;
 
 $(CONVERTED): $(FUSED) $(STAMP_DIR)/convert.stamp
 	$(call announce,convert)
@@ -81,7 +94,8 @@ $(MODELFILE): $(STAMP_DIR)/modelfile.stamp $(FAMILY_TEMPLATE) | $(SERVED_GGUF)
 	$(call announce,modelfile)
 	$(PIPE) modelfile --config "$(CONFIG)"
 
-$(OLLAMA_STAMP): $(MODELFILE) $(SERVED_GGUF) $(STAMP_DIR)/register.stamp
+# Registration sends the model card as the model's license: a new card registers again.
+$(OLLAMA_STAMP): $(MODELFILE) $(SERVED_GGUF) $(MODEL_CARD) $(STAMP_DIR)/register.stamp
 	$(call announce,ollama)
 	$(PIPE) register --config "$(CONFIG)"
 
@@ -118,7 +132,7 @@ serve:
 
 # For `make demo`: register when an Ollama is reachable, else say how to get one and stop cleanly.
 .PHONY: ollama-if-available
-ollama-if-available: $(MODELFILE)
+ollama-if-available: $(MODELFILE) $(MODEL_CARD)
 	@if $(PIPE) ollama-status --config "$(CONFIG)"; then \
 	  $(MAKE) --no-print-directory -f pipeline.mk ollama CONFIG="$(CONFIG)" PY="$(PY)"; \
 	else \

@@ -76,8 +76,11 @@ def _cmd_fuse(args) -> int:
 
 def _cmd_convert(args) -> int:
     from .gguf import convert
+    from .modelcard import refresh_card
 
-    convert(load_config(args.config))
+    cfg = load_config(args.config)
+    convert(cfg)
+    refresh_card(cfg)  # the card states the figures convert's gate just recorded
     return 0
 
 
@@ -90,8 +93,11 @@ def _cmd_imatrix(args) -> int:
 
 def _cmd_quantize(args) -> int:
     from .gguf import quantize
+    from .modelcard import refresh_card
 
-    quantize(load_config(args.config), args.type)
+    cfg = load_config(args.config)
+    quantize(cfg, args.type)
+    refresh_card(cfg)
     return 0
 
 
@@ -144,9 +150,23 @@ def _cmd_plots(args) -> int:
 def _cmd_eval(args) -> int:
     from .evaluate import evaluate
     from .hf import quiet_transformers
+    from .modelcard import refresh_card
 
     quiet_transformers()
-    evaluate(load_config(args.config))
+    cfg = load_config(args.config)
+    try:
+        evaluate(cfg)
+    finally:
+        refresh_card(cfg)  # a failed bound's figures are written, and stated, too
+    return 0
+
+
+def _cmd_model_card(args) -> int:
+    from .modelcard import refresh_card
+
+    cfg = load_config(args.config)
+    if refresh_card(cfg) is None:
+        raise PipelineError(f"{cfg.fused_dir}: no fused model to write a model card for; run `make fuse`")
     return 0
 
 
@@ -240,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("imatrix", _cmd_imatrix, "Compute the importance matrix (gguf.imatrix) of the converted GGUF.")
     sp = command("quantize", _cmd_quantize, "Quantize the converted GGUF with llama-quantize.")
     sp.add_argument("--type", required=True, help="one of gguf.quantizations, e.g. Q4_K_M")
+    command("model-card", _cmd_model_card,
+            "Write the model card fused/README.md from the run's reports (when they changed it).")
     command("modelfile", _cmd_modelfile, "Render the Ollama Modelfile for the run.")
     command("register", _cmd_register,
             "Register the model through Ollama's REST API at OLLAMA_HOST, prove it answers and stops, write ollama.json.")

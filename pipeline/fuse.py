@@ -6,8 +6,9 @@ For every base weight W (read one tensor at a time, in float32):
 then it is cast to `fuse.dtype` and streamed to the output shard. With tied
 embeddings the head is written as its own tensor and the config untied, so
 the input embeddings stay as they were. The result is a standard Hugging Face
-folder of the base's own architecture (no remote code) with the tokenizer files, and
-`fusion.json` (provenance) written last as the completion marker.
+folder of the base's own architecture (no remote code) with the tokenizer files,
+`fusion.json` (provenance) as the completion marker, and the model card README.md
+(pipeline/modelcard.py), which later stages refresh and fusion.json does not list.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from .families import family_of
 from .fidelity import FUSED_LOGITS, compare, fused_logits, gate_fused, merge_candidate, save_logits, score_merge
 from .hf import DTYPES, read_model_config, resolve_base
 from .integrity import folder_records, verify_folder
+from .modelcard import CARD_FILE, write_card
 from .resources import require
 from .soul import SOUL_FILE, SoulState, load_soul
 from .tensors import SafetensorsReader, return_freed_memory_eagerly, weight_shards, write_safetensors
@@ -142,7 +144,7 @@ def fuse(cfg: Config, checkpoint: Path | None = None, out_dir: Path | None = Non
             logits = fused_logits(tmp, reference.ids)
             save_logits(tmp / FUSED_LOGITS, reference.ids, logits)
             result = compare(reference.logits, logits)
-        files = folder_records(tmp)
+        files = folder_records(tmp, exclude=(CARD_FILE,))  # the card changes after fuse (modelcard.py)
         provenance = {
             "base": cfg.model.base,
             "revision": cfg.model.revision,
@@ -164,6 +166,7 @@ def fuse(cfg: Config, checkpoint: Path | None = None, out_dir: Path | None = Non
         atomic_write_text(tmp / FUSION_MARKER, json.dumps(provenance, indent=1) + "\n")
         if result is not None:
             gate_fused(cfg, result, chosen)
+        write_card(cfg, tmp)  # after the gate, which records the fuse step's figures
     return out_dir
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from .artifacts import write_if_changed
 from .config import STAGE_INPUTS, Config, make_path, modelfile_family, stage_inputs_json
 from .integrity import sweep
+from .modelcard import card_input_files, card_path, card_record
 from .modelfiles import MODELFILES
 from .ollama import primary_quantization, stamp_follows_server
 
@@ -56,6 +57,11 @@ def make_variables(cfg: Config) -> dict[str, str]:
         "BASE_DEPS": " ".join(make_path(p) for p in base_dependencies(cfg)),
         "CHECKPOINT": make_path(cfg.checkpoint_marker),
         "FUSED": make_path(cfg.fused_marker),
+        "MODEL_CARD": make_path(card_path(cfg)),
+        "CARD_RECORD": make_path(card_record(cfg)),
+        # The card's inputs beyond fusion.json and the data report, existing or not (pipeline.mk
+        # depends on those that exist): the fidelity and eval reports, a local base's own card.
+        "CARD_INPUTS": " ".join(make_path(p) for p in card_input_files(cfg)),
         "GGUF_DIR": make_path(gguf_dir),
         "CONVERTED": make_path(cfg.gguf_path(cfg.gguf.outtype)),
         "QUANTIZED": " ".join(make_path(p) for p in quant_paths),
