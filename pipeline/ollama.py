@@ -33,6 +33,7 @@ from .config import Config, modelfile_family
 from .errors import OllamaError
 from .formats import validate_gguf
 from .goproxy import is_loopback, proxy_for
+from .modelcard import card_path
 from .modelfiles import family_spec
 from .ollama_rules import MIN_OLLAMA_VERSION, connect_url, display_shortest, parse_host, typed_option, version_tuple
 
@@ -102,9 +103,19 @@ def _modelfile_value(value: object) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
+def model_card(cfg: Config) -> str | None:
+    """The fused model's card (pipeline/modelcard.py), which registration sends as the model's
+    license: Ollama keeps no other text beside a model (api/types.go CreateRequest: license, a
+    string or a list; server/create.go setLicense stores each as a layer of its own, which
+    `ollama show --license` prints and `ollama push` carries). None before fuse has written it."""
+    path = card_path(cfg)
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
 def render_modelfile(cfg: Config) -> str:
     """The Modelfile text: a readable record of exactly what register sends to /api/create
-    (TEMPLATE, stops, parameters, SYSTEM); FROM is relative to the Modelfile's folder."""
+    (TEMPLATE, stops, parameters, SYSTEM; the license, the model card, is named, not copied, so
+    that the Modelfile follows the config alone); FROM is relative to the Modelfile's folder."""
     gguf = cfg.gguf_path(primary_quantization(cfg))
     template, _ = chat_format(cfg)
     params = create_parameters(cfg)
@@ -122,6 +133,8 @@ def render_modelfile(cfg: Config) -> str:
     ]
     if cfg.ollama.system:
         lines.append(f'SYSTEM """{cfg.ollama.system}"""')
+    card = card_path(cfg).relative_to(cfg.modelfile_path.parent).as_posix()
+    lines.append(f"# LICENSE: `make ollama` sends the model card, {card}, as the model's license")
     return "\n".join(lines) + "\n"
 
 
@@ -308,13 +321,15 @@ class OllamaClient:
         if status not in (200, 201):
             raise OllamaError(f"uploading {path.name} to {self.host} failed ({status}): {body.get('error')}")
 
-    def create(self, model: str, files: dict[str, str], template: str, system: str, parameters: dict) -> None:
+    def create(self, model: str, files: dict[str, str], template: str, system: str, parameters: dict,
+               license: str | None = None) -> None:
         """POST /api/create, streamed: each new status line is said as it comes (the GGUF rewrite
         with its percentage), and only a final "success" is success."""
         doing = f"creating {model}"
         last, shown, final = None, -1, {}
-        for line in self._stream("/api/create", {"model": model, "files": files, "template": template,
-                                                 "system": system or None, "parameters": parameters}, doing):
+        body = {"model": model, "files": files, "template": template, "system": system or None,
+                "parameters": parameters, **({"license": license} if license else {})}
+        for line in self._stream("/api/create", body, doing):
             if "status_code" in line:
                 raise OllamaError(f"creating {model} on {self.host} failed ({line['status_code']}): "
                                   f"{line.get('error')}")
@@ -461,7 +476,8 @@ def create_with_api(cfg: Config, client: OllamaClient, gguf: Path, sha256: str |
     else:
         client.say(f"[ollama] {client.host} still has {gguf.name} ({digest[:19]}...): not uploaded again")
     template, _ = chat_format(cfg)
-    client.create(cfg.ollama.model, {gguf.name: digest}, template, cfg.ollama.system, create_parameters(cfg))
+    client.create(cfg.ollama.model, {gguf.name: digest}, template, cfg.ollama.system, create_parameters(cfg),
+                  license=model_card(cfg))
 
 
 PROOF_PROMPT = "こんにちは。自己紹介を一文でしてください。"
@@ -642,7 +658,8 @@ def registered_stops(parameters: str) -> list[str]:
 
 
 def prove_stops(cfg: Config, client: OllamaClient) -> None:
-    """The server stored our TEMPLATE and every stop of the chat format."""
+    """The server stored our TEMPLATE, every stop of the chat format and the model card (as the
+    license, joined by server/routes.go GetModelInfo: one license, so the card as sent)."""
     template, stops = chat_format(cfg)
     shown = client.show(cfg.ollama.model)
     missing = [s for s in stops if s not in registered_stops(str(shown.get("parameters") or ""))]
@@ -652,6 +669,10 @@ def prove_stops(cfg: Config, client: OllamaClient) -> None:
     if shown.get("template") != template:
         raise OllamaError(f"{cfg.ollama.model} was created, but {client.host} stored another TEMPLATE than sent "
                           f"({first_difference(str(shown.get('template')), template)})")
+    card = model_card(cfg)
+    if card is not None and shown.get("license") != card:
+        raise OllamaError(f"{cfg.ollama.model} was created, but {client.host} shows another license than the model "
+                          f"card sent (/api/show license: {str(shown.get('license'))[:120]!r})")
 
 
 def prove_it_answers(cfg: Config, client: OllamaClient) -> dict:
@@ -731,6 +752,7 @@ def register(cfg: Config) -> Path:
         "gguf": gguf.name,
         "gguf_sha256": digest,
         "modelfile_sha256": sha256_file(modelfile),
+        "card_sha256": sha256_file(card_path(cfg)) if card_path(cfg).is_file() else None,
         "server_digest": client.digest(cfg.ollama.model),
         "proof": proof,
     }

@@ -450,7 +450,7 @@ class FakeOllama(http.server.BaseHTTPRequestHandler):
         self.blobs[new_digest] = data
         yield {"status": f"creating new layer {new_digest}"}
         yield {"status": "writing manifest"}
-        stored = {k: req.get(k) for k in ("model", "files", "template", "system", "parameters")}
+        stored = {k: req.get(k) for k in ("model", "files", "template", "system", "parameters", "license")}
         stored["blob"] = new_digest
         stored["digest"] = hashlib.sha256(json.dumps(stored, sort_keys=True).encode()).hexdigest()
         self.models[display_shortest(req["model"]).lower()] = stored
@@ -479,12 +479,16 @@ class FakeOllama(http.server.BaseHTTPRequestHandler):
 
     # -- show ---------------------------------------------------------------------------------------
     def _show(self, req: dict):
-        """server/routes.go ShowHandler / GetModelInfo: the template, system and parameters text."""
+        """server/routes.go ShowHandler / GetModelInfo: the template, system and parameters text, and
+        the licenses joined by newlines (server/create.go: a license is a string or a list of them)."""
         model = self._model(req.get("model") or req.get("name") or "")
         if model is None:
             return self._reply(404, {"error": f"model '{req.get('model')}' not found"})
+        licenses = model.get("license") or []
+        licenses = [licenses] if isinstance(licenses, str) else licenses
         self._reply(200, {"template": model["template"] or "", "system": model["system"] or "",
-                          "parameters": format_parameters(model["parameters"] or {})})
+                          "parameters": format_parameters(model["parameters"] or {}),
+                          **({"license": "\n".join(licenses)} if licenses else {})})  # api/types.go: omitempty
 
     # -- chat ---------------------------------------------------------------------------------------
     def _blob_path(self, model: dict) -> Path:
