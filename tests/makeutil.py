@@ -102,10 +102,12 @@ def changed(before: dict, after: dict) -> set[str]:
 
 
 def top(paths: set[str]) -> set[str]:
-    """Group changed files by artifact: checkpoints/final, fused, gguf/x.gguf, Modelfile, stamps/x."""
+    """Group changed files by artifact: checkpoints/final, fused, fused/README.md (the model card),
+    gguf/x.gguf, Modelfile, stamps/x."""
     groups = set()
     for p in paths:
         parts = p.split("/")
         group = "/".join(parts[:2]) if parts[0] in ("checkpoints", "gguf", "stamps") else parts[0]
+        group = p if p == "fused/README.md" else group  # the model card, refreshed after fuse: not the model
         groups.add(group.removesuffix(".sha256"))  # a sidecar belongs to its artifact
     return groups

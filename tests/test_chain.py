@@ -111,7 +111,8 @@ def test_new_quantization_rebuilds_from_quantize_on(chain):
     write_config(path, {**cfg, "gguf": {**cfg["gguf"], "quantizations": ["Q8_0"]}})
     make(path)
     groups = top(changed(before, snapshot(run)))
-    assert groups == {"gguf/t-q8_0.gguf", "Modelfile", "stamps/modelfile.stamp", "reports"}
+    # the model card states the new quantization's figures (pipeline/modelcard.py)
+    assert groups == {"gguf/t-q8_0.gguf", "Modelfile", "stamps/modelfile.stamp", "reports", "fused/README.md"}
     assert "FROM ./gguf/t-q8_0.gguf" in (run / "Modelfile").read_text(encoding="utf-8")
 
 

@@ -31,6 +31,7 @@ import subprocess
 from collections import Counter
 
 import pytest
+from huggingface_hub import ModelCard
 
 from makeutil import copy_source_tree, needs_llama_cpp
 from ollama_contract import FakeOllama, running
@@ -42,6 +43,7 @@ from pipeline.hf import load_tokenizer, resolve_base
 from pipeline.layered import Variant, layered_logits
 from pipeline.ollama import register
 from pipeline.train import train
+from test_modelcard import card_problems
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +97,46 @@ def test_a_second_make_demo_builds_nothing(demo):
     tree, _, _ = demo
     again = user_make(tree, "demo")
     assert again.returncode == 0 and "==> [" not in again.stdout.replace("==> demo finished", ""), again.stdout
+
+
+# -- the model card (pipeline/modelcard.py; tests/test_modelcard.py renders it from made-up reports) --
+
+def test_the_demo_writes_a_model_card_with_every_section_and_its_figures(demo):
+    """On a fresh demo: fuse wrote fused/README.md, convert and quantize added their figures, and
+    the eval's are not measured yet."""
+    _, cfg, _ = demo
+    card = cfg.fused_dir / "README.md"
+    text = card.read_text(encoding="utf-8")
+    assert card_problems(text) == []
+    meta = ModelCard.load(card).data
+    assert (meta.base_model, meta.license, meta.datasets, meta.language) == (
+        "./build/tiny-phi3", "other", ["data/demo_ja.jsonl"], "ja")
+    assert "| data/demo_ja.jsonl | unknown | - | chat |" in text and "Policy `data.secrets`: drop" in text
+    assert "| quantize:Q4_K_M | " in text and "not measured yet: run `make gguf`" not in text
+    assert "not measured yet: run `make eval`." in text
+    assert "# LICENSE: `make ollama` sends the model card, fused/README.md" in (cfg.run_dir / "Modelfile").read_text()
+
+
+def test_make_rewrites_the_card_when_an_input_changes_and_only_then(demo):
+    """The data report rewritten with the same bytes: the card step runs and the card keeps its bytes
+    and mtime (so a registration that carries it is not redone). With another figure it changes."""
+    tree, cfg, _ = demo
+    card, report = cfg.fused_dir / "README.md", cfg.data_report
+    before, mtime, original = card.read_bytes(), card.stat().st_mtime_ns, report.read_text(encoding="utf-8")
+    report.write_text(original, encoding="utf-8")
+    proc = user_make(tree, "model-card", "CONFIG=demo.yaml")
+    assert proc.returncode == 0 and "==> [card] building" in proc.stdout, proc.stdout + proc.stderr
+    assert card.read_bytes() == before and card.stat().st_mtime_ns == mtime
+    assert "==> [" not in user_make(tree, "model-card", "CONFIG=demo.yaml").stdout
+    changed = json.loads(original)
+    changed["duplicates"]["exact"] += 1000
+    report.write_text(json.dumps(changed), encoding="utf-8")
+    proc = user_make(tree, "model-card", "CONFIG=demo.yaml")
+    assert "==> [card] building" in proc.stdout, proc.stdout + proc.stderr
+    assert f"Duplicates removed: {changed['duplicates']['exact']} exact" in card.read_text(encoding="utf-8")
+    report.write_text(original, encoding="utf-8")
+    assert user_make(tree, "model-card", "CONFIG=demo.yaml").returncode == 0
+    assert card.read_bytes() == before
 
 
 # -- training learns ------------------------------------------------------------------------
@@ -159,6 +201,8 @@ def test_make_eval_on_the_demo_passes_its_shipped_bound(demo):
     ppl = {r["model"]: r["perplexity"] for r in report["rows"]}
     assert report["passed"] and cfg.eval_passed.is_file() and cfg.eval.max_ppl_ratio == 1.0
     assert ppl["trained"] < ppl["base"] and ppl["Q4_K_M"] < ppl["base"]
+    card = (cfg.fused_dir / "README.md").read_text(encoding="utf-8")  # eval refreshed the card
+    assert "Japanese ability maintained: PASS" in card and "run `make eval`" not in card
 
 
 def test_the_same_checks_fail_a_run_whose_lora_learning_rate_is_0(demo, tmp_path):
@@ -198,6 +242,8 @@ def test_make_demo_registers_where_ollama_runs(demo, ollama_with_llama_server, m
     assert "Ollama renders the prompt training saw; it uses TEMPLATE from modelfiles/phi3.Modelfile" in proc.stdout
     stamp = json.loads(cfg.ollama_stamp.read_text(encoding="utf-8"))
     assert stamp["proof"]["mode"] == "smoke" and stamp["proof"]["done_reason"] in ("stop", "length")
+    card = (cfg.fused_dir / "README.md").read_text(encoding="utf-8")  # the model card, as the model's license
+    assert ollama.models["agiasi-demo:latest"]["license"] == card
     assert ollama.last_prompt.startswith(f"<|system|>\n{cfg.ollama.system}<|end|>\n<|user|>\n")
     again = user_make(tree, "demo", ollama_host=host)
     assert again.returncode == 0 and "[ollama]" not in again.stdout, again.stdout  # registered: nothing to do
