@@ -98,7 +98,8 @@ def dashboard_router(cfg: Config, audit_path: Path) -> APIRouter:
         if path is None:
             raise HTTPException(404, f"no dashboard asset {asset!r}")
         if not path.is_file():
-            raise HTTPException(503, f"{path.relative_to(REPO)} is not installed: run `make ui` (npm ci)")
+            shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+            raise HTTPException(503, f"{shown} is not installed: run `make ui` (npm ci)")
         return FileResponse(path, media_type=MEDIA_TYPES[path.suffix])
 
     @router.get("/api/state")
