@@ -20,11 +20,15 @@ Each line is a JSON object with exactly these fields:
                   line), or null
     final         the same of the answer sent, or null when none was
     thinking      {section name: {"sha256", "length"}}, every thinking section of the reply
+    guard         null without serve.guard; else {"prompt": v, "final": v}, each v null when that
+                  text was not judged, or {"verdict": safe | unsafe | unavailable | unparseable,
+                  "categories": [code, ...]} (pipeline.guard); outcome "refused" means the guard
+                  stopped the prompt or the answer, and `final` is then serve.guard.refusal
 
 It never holds text: not the prompt, the answer, the thinking, nor the backend's messages.
 A stream that ended in an error records `final` null even when part of an answer went out.
-Lines written before the `api` field existed (all from /think) have every field but it, and
-still verify.
+Lines written before the `api` field existed (all from /think) have every field but it and
+`guard`, and those before `guard` existed every field but it: both still verify.
 
 `AuditLog.record` appends a line with one write() on a file opened O_APPEND, under a
 thread lock and an flock, then fsyncs: concurrent requests and processes never interleave
@@ -43,14 +47,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import BadInputError
+from .guard import VERDICTS
 from .thinking import PROBLEMS, REASONING_FIELDS
 
 BACKEND_OUTCOMES = ("backend_unavailable", "backend_timeout", "backend_error", "cancelled", "busy")
-OUTCOMES = ("ok", *PROBLEMS, *BACKEND_OUTCOMES)
+ANSWERED = ("ok", "refused")  # the outcomes that send a final
+OUTCOMES = (*ANSWERED, *PROBLEMS, *BACKEND_OUTCOMES)
 APIS = ("think", "v1")
 FIELDS = ("time", "request_id", "api", "backend_model", "stream", "outcome", "status",
-          "prompt", "system", "final", "thinking")
-_FIELDS_BEFORE_API = set(FIELDS) - {"api"}
+          "prompt", "system", "final", "thinking", "guard")
+_FIELDS_BEFORE_GUARD = set(FIELDS) - {"guard"}
+_FIELDS_BEFORE_API = _FIELDS_BEFORE_GUARD - {"api"}
+_CATEGORY = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 _TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -76,7 +84,8 @@ def now() -> str:
 
 
 def entry(*, time: str, request_id: str, api: str, backend_model: str, stream: bool, outcome: str, status: int,
-          prompt: str, system: str | None, final: str | None, sections: dict[str, str]) -> dict:
+          prompt: str, system: str | None, final: str | None, sections: dict[str, str],
+          guard: dict | None = None) -> dict:
     """One log line's object: the texts given here leave only as digests."""
     return {
         "time": time, "request_id": request_id, "api": api, "backend_model": backend_model, "stream": stream,
@@ -84,6 +93,7 @@ def entry(*, time: str, request_id: str, api: str, backend_model: str, stream: b
         "system": None if system is None else digest(system),
         "final": None if final is None else digest(final),
         "thinking": {name: digest(text) for name, text in sections.items()},
+        "guard": guard,
     }
 
 
@@ -134,7 +144,7 @@ def entry_problems(obj) -> list[str]:
     """What makes obj no audit entry ([] when it is one): fields, types, digests, no text."""
     if not isinstance(obj, dict):
         return ["not a JSON object"]
-    expected = set(FIELDS) if "api" in obj else _FIELDS_BEFORE_API
+    expected = set(FIELDS) if "guard" in obj else _FIELDS_BEFORE_GUARD if "api" in obj else _FIELDS_BEFORE_API
     if set(obj) != expected:
         missing, extra = sorted(expected - set(obj)), sorted(set(obj) - expected)
         return [("missing " + ", ".join(missing) if missing else "") +
@@ -156,9 +166,9 @@ def entry_problems(obj) -> list[str]:
     for key in ("system", "final"):
         if obj[key] is not None:
             problems += _digest_problems(obj[key], key)
-    if obj["outcome"] == "ok" and obj["final"] is None:
-        problems.append("final: null, but the outcome is ok")
-    if obj["outcome"] != "ok" and obj["final"] is not None:
+    if obj["outcome"] in ANSWERED and obj["final"] is None:
+        problems.append(f"final: null, but the outcome is {obj['outcome']}")
+    if obj["outcome"] not in ANSWERED and obj["final"] is not None:
         problems.append(f"final: present, but the outcome is {obj['outcome']}")
     if not isinstance(obj["thinking"], dict):
         problems.append("thinking: expected {section name: {\"sha256\", \"length\"}}")
@@ -167,6 +177,24 @@ def entry_problems(obj) -> list[str]:
             if not _SECTION.fullmatch(name):
                 problems.append(f"thinking: {name[:80]!r} is no section name")
             problems += _digest_problems(value, f"thinking[{name[:80]!r}]")
+    problems += _guard_problems(obj.get("guard"), obj["outcome"])
+    return problems
+
+
+def _guard_problems(guard, outcome: str) -> list[str]:
+    if guard is None:
+        return ["guard: null, but the outcome is refused"] if outcome == "refused" else []
+    if not isinstance(guard, dict) or set(guard) != {"prompt", "final"}:
+        return ['guard: expected null or {"prompt", "final"}']
+    problems = []
+    for key, v in guard.items():
+        if v is None:
+            continue
+        if not (isinstance(v, dict) and set(v) == {"verdict", "categories"} and v["verdict"] in VERDICTS
+                and isinstance(v["categories"], list)
+                and all(isinstance(c, str) and _CATEGORY.fullmatch(c) for c in v["categories"])):
+            problems.append(f"guard.{key}: expected null or {{\"verdict\": one of {', '.join(VERDICTS)}, "
+                            "\"categories\": [code, ...]}")
     return problems
 
 

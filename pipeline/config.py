@@ -80,6 +80,10 @@ class DataSource(_Section):
     license: str | None = Field(default=None, min_length=1)
     # The user has checked the source's terms: data.licenses.allow does not refuse it.
     license_acknowledged: bool = False
+    # refusal: unsafe requests with refusals, to teach refusing, never generating: every assistant
+    # reply must be a refusal (serve.guard's verdict when a guard is configured, else the check in
+    # pipeline/data/refusal.py), else the example is dropped and counted.
+    purpose: Literal["chat", "refusal"] = "chat"
 
 
 PiiPolicy = Literal["mask", "drop", "keep"]
@@ -118,6 +122,9 @@ class DataSection(_Section):
     # drop the example, mask each, or keep them (pipeline/data/credentials.py).
     secrets: Literal["drop", "mask", "keep"] = "drop"
     licenses: LicensesSection = LicensesSection()
+    # With serve.guard: also ask the guard about every assistant reply of the other sources, and
+    # drop the unsafe ones (counted per category in the report).
+    guard_replies: bool = False
     dedup: DedupSection = DedupSection()
     packing: bool = False
 
@@ -230,6 +237,18 @@ class OllamaSection(_Section):
     proof: Literal["strict", "smoke"] = "strict"
 
 
+class GuardSection(_Section):
+    """serve.guard: a safety classifier behind an OpenAI-compatible API (pipeline/guard.py)."""
+    model: str = Field(min_length=1)  # e.g. llama-guard3:1b or shieldgemma:2b in Ollama
+    format: Literal["llama-guard-3", "shieldgemma"] = "llama-guard-3"  # how its answer reads
+    backend: str | None = None  # its /v1 base URL; None: the main model's backend
+    timeout: float = Field(default=30.0, gt=0, le=600)  # seconds per verdict, then `unavailable`
+    # closed: no verdict (guard down, an answer that is no verdict) refuses like unsafe; open: passes.
+    fail: Literal["closed", "open"] = "closed"
+    # What the client gets instead of an answer when the prompt or the answer is unsafe.
+    refusal: str = Field(default="申し訳ありませんが、そのご依頼にはお応えできません。", min_length=1)
+
+
 class ServeSection(_Section):
     """`python -m pipeline serve` (pipeline/serve.py); its flags override these."""
     host: str = Field(default="127.0.0.1", min_length=1)  # any other address needs AGIASI_SERVE_TOKEN
@@ -242,6 +261,7 @@ class ServeSection(_Section):
     max_concurrent: int = Field(default=4, ge=1, le=1024)
     # Seconds a /v1 stream may stay silent (the model still thinking) before a `: keep-alive` line.
     keepalive_interval: float = Field(default=15.0, gt=0, le=300)
+    guard: GuardSection | None = None  # None: no classifier
 
 
 class Config(_Section):
@@ -395,6 +415,12 @@ class Config(_Section):
         return hashlib.sha256(stage_inputs_json(self, stage).encode()).hexdigest()
 
 
+def data_uses_guard(cfg: Config) -> bool:
+    """Whether `make data` asks serve.guard: for refusal-only sources, and with data.guard_replies."""
+    return cfg.serve.guard is not None and (
+        cfg.data.guard_replies or any(s.purpose == "refusal" for s in cfg.data.sources))
+
+
 def looks_local(base: str) -> bool:
     """A hub id is `owner/name`; anything starting like a path is a folder."""
     return base.startswith((".", "/", "~")) or base.count("/") != 1
@@ -405,8 +431,9 @@ def looks_local(base: str) -> bool:
 # registration, and changing a quantization type re-runs only quantize onward.
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     # The prepared dataset is tokenizer-independent; what tokenization does with it is train's.
+    # The guard's model and format only where `data` asks it (data_uses_guard).
     "data": ("run.seed", "data.train", "data.validation_fraction", "data.pii", "data.secrets", "data.licenses",
-             "data.dedup"),
+             "data.dedup", "data.guard_replies", "serve.guard.model", "serve.guard.format"),
     "train": ("run.seed", "model", "data.max_length", "data.overlong", "data.packing", "train", "soul"),
     # Each gated stage follows its own bound only: a tighter quantize bound re-runs quantize, not fuse.
     "fuse": ("fuse", "fidelity.enabled", "fidelity.max_kl_fused"),
@@ -429,8 +456,10 @@ def stage_inputs_json(cfg: Config, stage: str) -> str:
     for key in STAGE_INPUTS[stage]:
         node: Any = dumped
         for part in key.split("."):
-            node = node[part]
+            node = None if node is None else node[part]
         picked[key] = node
+    if stage == "data" and not data_uses_guard(cfg):
+        picked["serve.guard.model"] = picked["serve.guard.format"] = None
     # Paths are compared resolved, so moving the config file with its data
     # does not look like a change while pointing at other data does.
     if "gguf.imatrix" in picked and cfg.gguf.imatrix.calibration:
@@ -552,6 +581,7 @@ def _check_values(cfg: Config) -> list[str]:
     backend = cfg.serve.backend
     if backend is not None and (problem := backend_url_problem(backend)):
         problems.append(f"serve.backend: {backend!r} {problem}")
+    problems.extend(_check_guard(cfg))
 
     problems.extend(_check_sources(cfg))
     calibration = cfg.imatrix_calibration
@@ -564,6 +594,16 @@ def _check_values(cfg: Config) -> list[str]:
     problems.extend(_check_base_tokenizer(cfg))
     problems.extend(context_problems(cfg))
     return problems
+
+
+def _check_guard(cfg: Config) -> list[str]:
+    guard = cfg.serve.guard
+    if guard is None:
+        return ["data.guard_replies: needs serve.guard, the classifier that judges the replies"] \
+            if cfg.data.guard_replies else []
+    if guard.backend is not None and (problem := backend_url_problem(guard.backend)):
+        return [f"serve.guard.backend: {guard.backend!r} {problem}"]
+    return []
 
 
 def backend_url_problem(url: str) -> str | None:

@@ -30,7 +30,7 @@ import httpx2
 from .artifacts import atomic_write_text, sha256_file
 from .chattext import without_bos
 from .config import Config, modelfile_family
-from .errors import OllamaError
+from .errors import BadInputError, OllamaError
 from .formats import validate_gguf
 from .goproxy import is_loopback, proxy_for
 from .modelcard import card_path
@@ -182,6 +182,15 @@ class ModelNotFound(OllamaError):
 SILENCE_TIMEOUT = 600.0  # seconds a request may wait for the server's next bytes (not its total time)
 CONNECT_TIMEOUT = 10.0
 UPLOAD_CHUNK = 1 << 20
+
+
+def ollama_backend() -> str:
+    """Ollama's OpenAI-compatible /v1 at OLLAMA_HOST; BadInputError for a value naming no server."""
+    try:
+        return connect_url(ollama_host()) + "/v1"
+    except ValueError as e:
+        raise BadInputError(f"OLLAMA_HOST={os.environ.get('OLLAMA_HOST', '')!r} names no server ({e}): give "
+                            "host:port, e.g. 127.0.0.1:11434, or --backend URL") from None
 
 
 def _snippet(raw: bytes) -> str:

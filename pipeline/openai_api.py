@@ -234,11 +234,12 @@ def models_list(model_id: str, created: int) -> dict:
     return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": OWNED_BY}]}
 
 
-def completion(completion_id: str, created: int, model: str, content: str, usage: dict | None) -> dict:
-    """A non-streamed answer: chat.completion."""
+def completion(completion_id: str, created: int, model: str, content: str, usage: dict | None,
+               finish_reason: str = "stop") -> dict:
+    """A non-streamed answer: chat.completion (finish_reason "content_filter" when the guard refused)."""
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": None},
-                         "logprobs": None, "finish_reason": "stop"}],
+                         "logprobs": None, "finish_reason": finish_reason}],
             "usage": usage}
 
 

@@ -50,8 +50,8 @@ from .config import Config, backend_url_problem
 from .dashboard import dashboard_router
 from .errors import BadInputError
 from .goproxy import proxy_for
-from .ollama import ollama_host
-from .ollama_rules import connect_url
+from .guard import Guard, guard_from_config, guard_messages
+from .ollama import ollama_backend
 from .openai_api import (
     ApiError, ChatRequest, StopMatcher, chunk, completion, error_body, error_type, models_list, parse_chat_request,
     usage_of,
@@ -72,7 +72,8 @@ class ServeSettings:
     of it, and the id /v1/models lists; token: None for no check; allowed_hosts: Host header names
     accepted (None: any; serve() sets the loopback names when it binds loopback without a token,
     against DNS rebinding); max_concurrent: requests in flight to the backend, past it 429;
-    keepalive_interval: seconds of silence after which a /v1 stream sends a comment line."""
+    keepalive_interval: seconds of silence after which a /v1 stream sends a comment line;
+    guard: the classifier asked about each prompt and final, or None."""
     backend_url: str
     backend_model: str
     audit_path: Path
@@ -82,6 +83,7 @@ class ServeSettings:
     allowed_hosts: tuple[str, ...] | None = None
     max_concurrent: int = 4
     keepalive_interval: float = 15.0
+    guard: Guard | None = None  # serve.guard: judges each prompt and each final (pipeline.guard)
 
 
 class ThinkRequest(BaseModel):
@@ -215,6 +217,8 @@ class Exchange:
         self.outcome, self.status, self.final = "cancelled", 200, None
         self.filter = ThinkingFilter()
         self.usage: dict | None = None
+        # The guard's verdicts (the audit line's `guard`): None without a guard.
+        self.verdicts: dict | None = None if service.guard is None else {"prompt": None, "final": None}
         self.failure: BackendFailure | None = None  # why a stream ended without a reply
         self.admitted = False
         self.client: httpx2.AsyncClient | None = None
@@ -251,6 +255,7 @@ class Service:
         # httpx's own reading of the environment would send 127.0.0.1 through http_proxy.
         self.client_options = {"timeout": timeout, "trust_env": False, "proxy": proxy_for(self.url)}
         self.in_flight = 0
+        self.guard = settings.guard
 
     def admit(self, api: str, stream: bool, prompt: str, system: str | None) -> Exchange:
         """An exchange that holds one of serve.max_concurrent slots, or (admitted False, outcome busy)
@@ -268,9 +273,20 @@ class Service:
             self.in_flight -= 1
         obj = entry(time=ex.started, request_id=ex.request_id, api=ex.api, backend_model=self.settings.backend_model,
                     stream=ex.stream, outcome=ex.outcome, status=ex.status, prompt=ex.prompt, system=ex.system,
-                    final=ex.final, sections=ex.result().sections)
+                    final=ex.final, sections=ex.result().sections, guard=ex.verdicts)
         await anyio.to_thread.run_sync(self.audit.record, obj)
         print(f"[serve] {ex.request_id} {ex.api} {ex.outcome} {ex.status}", flush=True)
+
+    async def passes(self, ex: Exchange, which: str, messages: list[dict], answer: str | None = None) -> bool:
+        """Whether the guard lets the prompt (which "prompt") or the answer ("final") through; its
+        verdict goes into ex's audit line. True without a guard."""
+        if self.guard is None:
+            return True
+        verdict = await self.guard.classify(guard_messages(messages, answer))
+        ex.verdicts[which] = verdict.record()
+        if verdict.why:
+            print(f"[serve] {ex.request_id} guard {verdict.verdict}: {verdict.why}", flush=True)
+        return not verdict.blocks(self.guard.fail)
 
     def payload(self, messages: list[dict], stream: bool, options: dict | None = None, usage: bool = False) -> dict:
         body = {"model": self.settings.backend_model, "messages": messages, "stream": stream, **(options or {})}
@@ -311,19 +327,20 @@ class Service:
 
     async def pieces(self, ex: Exchange, keepalive: float | None = None) -> AsyncIterator[str | None]:
         """The final's text as the streamed reply comes in: each piece that may be sent now, and
-        TICK whenever none could be for `keepalive` seconds (None: never). When the reply ends,
-        ex.result() is the filter's verdict, or ex.failure says why the stream broke off."""
+        TICK whenever none could be for `keepalive` seconds (None: never), whether the backend is
+        silent or streams thinking. When the reply ends, ex.result() is the filter's verdict, or
+        ex.failure says why the stream broke off."""
+        last = time.monotonic()
         try:
             async for event in _ticking(self._deltas(ex), keepalive):
-                if event is TICK:
-                    yield TICK
-                    continue
-                content, fields = event
-                for name, text in fields.items():
-                    ex.filter.feed_field(name, text)
-                text = ex.filter.feed(content)
+                text = None if event is TICK else _feed(ex.filter, *event)
                 if text:
                     yield text
+                elif event is TICK or (keepalive is not None and time.monotonic() - last >= keepalive):
+                    yield TICK
+                else:
+                    continue
+                last = time.monotonic()
         except BackendFailure as failure:
             ex.failure = failure
 
@@ -393,6 +410,13 @@ async def _ticking(source: AsyncIterator, interval: float | None) -> AsyncIterat
             await source.aclose()
 
 
+def _feed(thinking: ThinkingFilter, content: str, fields: dict[str, str]) -> str:
+    """What of a delta may be sent now."""
+    for name, text in fields.items():
+        thinking.feed_field(name, text)
+    return thinking.feed(content)
+
+
 def _message_parts(message: dict) -> tuple[str, dict[str, str]]:
     """(content, {reasoning field: text}) of a choice's message or delta."""
     content = message.get("content") or ""
@@ -457,7 +481,8 @@ def create_app(settings: ServeSettings, cfg: Config | None = None) -> FastAPI:
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok", "backend": settings.backend_url, "backend_model": settings.backend_model,
-                "in_flight": service.in_flight, "max_concurrent": settings.max_concurrent}
+                "in_flight": service.in_flight, "max_concurrent": settings.max_concurrent,
+                "guard": None if settings.guard is None else settings.guard.model}
 
     # -- /think --------------------------------------------------------------------------------
 
@@ -469,9 +494,11 @@ def create_app(settings: ServeSettings, cfg: Config | None = None) -> FastAPI:
         if not ex.admitted:
             await ex.close()
             return busy(ex, "/think")
+        if not await prompt_passes(ex, messages):
+            return think_refusal(ex)
         payload = service.payload(messages, body.stream)
         if body.stream:
-            return await _streamed(ex, payload, think_lines(ex), "application/x-ndjson", "/think")
+            return await _streamed(ex, payload, think_lines(ex, messages), "application/x-ndjson", "/think")
         try:
             result = await service.complete(ex, payload)
         except BackendFailure as failure:
@@ -481,16 +508,51 @@ def create_app(settings: ServeSettings, cfg: Config | None = None) -> FastAPI:
             if result.final is None:
                 ex.end(result.outcome, 502)
                 return error_response("/think", 502, f"no answer: {result.problem}", request_id=ex.request_id)
+            if not await service.passes(ex, "final", messages, result.final):
+                return think_refusal(ex)
             ex.end("ok", 200, result.final)
             return {"final": result.final, "request_id": ex.request_id}
         finally:
             await ex.close()
 
-    async def think_lines(ex: Exchange):
+    async def prompt_passes(ex: Exchange, messages: list[dict]) -> bool:
+        """The guard's check of the prompt, before the backend sees it; a refused exchange is
+        ended and closed here."""
+        try:
+            passes = await service.passes(ex, "prompt", messages)
+        except BaseException:
+            await ex.close()
+            raise
+        if not passes:
+            ex.end("refused", 200, settings.guard.refusal)
+            await ex.close()
+        return passes
+
+    def think_refusal(ex: Exchange):
+        """serve.guard.refusal as /think's answer, streamed when asked (ex is closed by the caller)."""
+        ex.end("refused", 200, settings.guard.refusal)
+        if not ex.stream:
+            return {"final": settings.guard.refusal, "request_id": ex.request_id, "refused": True}
+        return StreamingResponse(_lines_of(think_refused_lines(ex)), media_type="application/x-ndjson",
+                                 headers={"x-request-id": ex.request_id})
+
+    def think_refused_lines(ex: Exchange) -> list[dict]:
+        return [{"type": "delta", "text": settings.guard.refusal},
+                {"type": "done", "request_id": ex.request_id, "refused": True}]
+
+    async def think_lines(ex: Exchange, messages: list[dict]):
         async for piece in service.pieces(ex):
-            yield _line({"type": "delta", "text": piece})
+            if service.guard is None:  # with a guard the final is held until it has passed
+                yield _line({"type": "delta", "text": piece})
         result = ex.result()
         if ex.failure is None and result.final is not None:
+            if not await service.passes(ex, "final", messages, result.final):
+                ex.end("refused", 200, settings.guard.refusal)
+                for line in think_refused_lines(ex):
+                    yield _line(line)
+                return
+            if service.guard is not None:
+                yield _line({"type": "delta", "text": result.final})
             ex.end("ok", 200, result.final)
             yield _line({"type": "done", "request_id": ex.request_id})
             return
@@ -531,6 +593,8 @@ def create_app(settings: ServeSettings, cfg: Config | None = None) -> FastAPI:
             await ex.close()
             return busy(ex, path)
         completion_id, created = "chatcmpl-" + ex.request_id, int(time.time())
+        if not await prompt_passes(ex, req.messages):
+            return v1_refusal(ex, req, completion_id, created)
         payload = service.payload(req.messages, req.stream, req.options, req.include_usage)
         if req.stream:
             return await _streamed(ex, payload, v1_events(ex, req, completion_id, created), "text/event-stream", path)
@@ -546,27 +610,47 @@ def create_app(settings: ServeSettings, cfg: Config | None = None) -> FastAPI:
                 return error_response(path, 502, f"no answer: {result.problem}", headers=headers, code=result.outcome)
             stops = StopMatcher(req.stops)
             final = stops.feed(result.final) + stops.flush()
+            if not await service.passes(ex, "final", req.messages, final):
+                return v1_refusal(ex, req, completion_id, created)
             ex.end("ok", 200, final)
             return JSONResponse(completion(completion_id, created, model_id, final, ex.usage), headers=headers)
         finally:
             await ex.close()
+
+    def v1_refusal(ex: Exchange, req: ChatRequest, completion_id: str, created: int):
+        """serve.guard.refusal as the answer, finish_reason content_filter (ex is closed by the caller)."""
+        ex.end("refused", 200, settings.guard.refusal)
+        headers = {"x-request-id": ex.request_id}
+        if not req.stream:
+            return JSONResponse(completion(completion_id, created, model_id, settings.guard.refusal, None,
+                                           "content_filter"), headers=headers)
+        events = [chunk(completion_id, created, model_id, {"role": "assistant", "content": ""}),
+                  chunk(completion_id, created, model_id, {"content": settings.guard.refusal}),
+                  chunk(completion_id, created, model_id, {}, "content_filter")]
+        if req.include_usage:
+            events.append(chunk(completion_id, created, model_id, None, usage=None))
+        return StreamingResponse(_sse_of(events), media_type="text/event-stream", headers=headers)
 
     async def v1_events(ex: Exchange, req: ChatRequest, completion_id: str, created: int):
         def event(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> bytes:
             return _sse(chunk(completion_id, created, model_id, delta, finish, usage))
 
         yield event({"role": "assistant", "content": ""})
-        stops, sent = StopMatcher(req.stops), []
+        held = service.guard is not None  # the final is sent only once the guard has passed it
+        stops, sent, last_write = StopMatcher(req.stops), [], time.monotonic()
         pieces = service.pieces(ex, settings.keepalive_interval)
         try:
             async for piece in pieces:
-                if piece is TICK:
+                if piece is TICK or (held and time.monotonic() - last_write > settings.keepalive_interval):
                     yield b": keep-alive\n\n"
-                    continue
+                    last_write = time.monotonic()
+                    if piece is TICK:
+                        continue
                 text = stops.feed(piece)
                 if text:
                     sent.append(text)
-                    yield event({"content": text})
+                    if not held:
+                        yield event({"content": text})
                 if stops.stopped:
                     break  # the backend's stream is closed with the exchange: it stops generating
         finally:
@@ -581,9 +665,16 @@ def create_app(settings: ServeSettings, cfg: Config | None = None) -> FastAPI:
             tail = stops.flush()
             if tail:
                 sent.append(tail)
-                yield event({"content": tail})
-        ex.end("ok", 200, "".join(sent))
-        yield event({}, "stop")
+                if not held:
+                    yield event({"content": tail})
+        final, finish = "".join(sent), "stop"
+        if held:
+            if not await service.passes(ex, "final", req.messages, final):
+                final, finish = settings.guard.refusal, "content_filter"
+            if final:
+                yield event({"content": final})
+        ex.end("ok" if finish == "stop" else "refused", 200, final)
+        yield event({}, finish)
         if req.include_usage:
             yield event(None, usage=ex.usage)
         yield b"data: [DONE]\n\n"
@@ -603,6 +694,17 @@ def _sse(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
 
 
+async def _lines_of(objs: list[dict]) -> AsyncIterator[bytes]:
+    for obj in objs:
+        yield _line(obj)
+
+
+async def _sse_of(objs: list[dict]) -> AsyncIterator[bytes]:
+    for obj in objs:
+        yield _sse(obj)
+    yield b"data: [DONE]\n\n"
+
+
 # -- the command ------------------------------------------------------------------------------------
 
 
@@ -613,15 +715,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def ollama_backend() -> str:
-    """Ollama's OpenAI-compatible /v1 at OLLAMA_HOST; BadInputError for a value naming no server."""
-    try:
-        return connect_url(ollama_host()) + "/v1"
-    except ValueError as e:
-        raise BadInputError(f"OLLAMA_HOST={os.environ.get('OLLAMA_HOST', '')!r} names no server ({e}): give "
-                            "host:port, e.g. 127.0.0.1:11434, or --backend URL") from None
 
 
 def serve_settings(cfg: Config, host: str | None = None, backend: str | None = None,
@@ -642,6 +735,7 @@ def serve_settings(cfg: Config, host: str | None = None, backend: str | None = N
                             "must then carry it), or bind 127.0.0.1")
     loopback_names = ("127.0.0.1", "localhost", "::1", host.strip("[]"))
     return host, ServeSettings(
+        guard=guard_from_config(cfg, backend),
         backend_url=backend.rstrip("/"),
         backend_model=backend_model or cfg.serve.backend_model or cfg.ollama.model,
         audit_path=cfg.audit_log, token=token, max_body_bytes=cfg.serve.max_body_bytes,
@@ -662,6 +756,10 @@ def serve(cfg: Config, host: str | None = None, port: int | None = None, backend
           f"audit log {settings.audit_path}", flush=True)
     print(f"[serve] OpenAI-compatible API: base URL http://{shown}:{port}/v1, model {settings.backend_model!r}",
           flush=True)
+    if settings.guard is not None:
+        g = settings.guard
+        print(f"[serve] guard {g.model!r} ({g.format}) at {g.backend_url}, failing {g.fail}: it judges each "
+              "prompt and each final", flush=True)
     if settings.token:
         print(f"[serve] token required; a browser opens http://{shown}:{port}/?token=<{TOKEN_ENV}> once", flush=True)
     # No access log: it would print /?token=... to the terminal; /think logs one line per request.

@@ -1,6 +1,6 @@
 """A crafted OpenAI-compatible backend for the serving tests: it replies with whatever a test
 sets (hostile replies included), as JSON or SSE, and records what it was asked and whether a
-stream was cut off. uvicorn in a thread, on a free loopback port."""
+stream was cut off; or, as a classifier, a verdict on what it was sent. uvicorn in a thread, on a free loopback port."""
 from __future__ import annotations
 
 import asyncio
@@ -47,7 +47,8 @@ class Backend:
     `status` other than 200 answers that (its body holds SECRET); `delay` waits first; `stall`
     waits between streamed pieces; `usage` is sent as OpenAI's usage (streamed: in a last chunk
     with no choices, when asked with stream_options.include_usage). `cut` counts streams that
-    the other side closed before their end."""
+    the other side closed before their end. `reply`, when set, makes the content of each answer
+    from the request's body (a classifier's verdict on the turns it was sent)."""
 
     def __init__(self):
         self.reset()
@@ -58,6 +59,8 @@ class Backend:
             body = await request.json()
             self.requests.append(body)
             await asyncio.sleep(self.delay)
+            if self.reply is not None:
+                self.content = self.reply(body)
             if self.status != 200:
                 return JSONResponse({"error": {"message": SECRET}}, status_code=self.status)
             if not body.get("stream"):
@@ -72,7 +75,7 @@ class Backend:
 
     def reset(self) -> None:
         self.content, self.fields, self.chunk, self.status, self.delay = "<final>ok</final>", {}, 3, 200, 0.0
-        self.stall, self.usage, self.cut = 0.0, None, 0
+        self.stall, self.usage, self.cut, self.reply = 0.0, None, 0, None
         self.requests: list[dict] = []
 
     async def _events(self, with_usage: bool):

@@ -73,16 +73,35 @@ BAD_LINES = [
     (json.dumps({**sample(), "thinking": {"think a": sample()["prompt"]}}), "is no section name"),
     (json.dumps({**sample(), "outcome": "no_final"}), "final: present, but the outcome is no_final"),
     (json.dumps({**sample(), "api": "v2"}), "api: expected one of think, v1"),
+    (json.dumps({**sample(), "outcome": "refused"}), "guard: null, but the outcome is refused"),
+    (json.dumps({**sample(), "guard": {"prompt": {"verdict": "maybe", "categories": []}, "final": None}}),
+     "guard.prompt: expected null or"),
+    (json.dumps({**sample(), "guard": {"prompt": {"verdict": "unsafe", "categories": ["how to build a bomb"]},
+                                       "final": None}}), "guard.prompt: expected null or"),
+    (json.dumps({**sample(), "guard": {"prompt": None}}), "guard: expected null or"),
+    (json.dumps({**sample(), "outcome": "refused", "final": None,
+                 "guard": {"prompt": {"verdict": "unsafe", "categories": ["S9"]}, "final": None}}),
+     "final: null, but the outcome is refused"),
 ]
 
 
+def test_guard_verdicts_are_kept_as_verdict_and_codes(tmp_path):
+    log = AuditLog(tmp_path / "think.jsonl")
+    guard = {"prompt": {"verdict": "safe", "categories": []}, "final": {"verdict": "unsafe", "categories": ["S1", "S10"]}}
+    log.record(sample(outcome="refused", final="申し訳ありません", guard=guard))
+    log.record(sample(1, guard={"prompt": {"verdict": "unavailable", "categories": []}, "final": None}))
+    assert verify(log.path) == 2
+    assert json.loads(log.path.read_text().splitlines()[0])["guard"] == guard
+
+
 def test_lines_from_before_the_api_field_still_verify(tmp_path):
-    """A log written before /v1 existed (every line from /think, no `api`) stays valid; a line
-    that lacks another field does not."""
+    """A log written before /v1 existed (every line from /think, no `api` nor `guard`), or before
+    the guard (no `guard`), stays valid; a line that lacks another field does not."""
     path = tmp_path / "think.jsonl"
-    old = {k: v for k, v in sample().items() if k != "api"}
-    path.write_text(json.dumps(old) + "\n" + json.dumps(sample(1, api="v1")) + "\n")
-    assert verify(path) == 2
+    old = {k: v for k, v in sample().items() if k not in ("api", "guard")}
+    before_guard = {k: v for k, v in sample(2, api="v1").items() if k != "guard"}
+    path.write_text("".join(json.dumps(o) + "\n" for o in (old, before_guard, sample(1, api="v1"))))
+    assert verify(path) == 3
     path.write_text(json.dumps({k: v for k, v in old.items() if k != "status"}) + "\n")
     with pytest.raises(AuditError, match="missing status"):
         verify(path)

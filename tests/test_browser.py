@@ -26,6 +26,7 @@ from conftest import REPO
 from crafted_backend import free_port, wait_http
 from makeutil import make
 from metrics_fixture import fixture_config, metric_rows, write_metrics
+from pipeline.audit import AuditLog, entry, now
 from pipeline.config import load_config
 
 # Debian's package, where `make browser` finds or installs it: `chromium` on PATH.
@@ -126,6 +127,13 @@ def test_dashboard_in_chromium(server):
 
             page.wait_for_selector("#audit-log table", timeout=20_000)  # the request's hashes
             assert SECRET not in page.content()
+            # A request the guard refused shows as such, with its verdict and category, never its text.
+            AuditLog(cfg.audit_log).record(entry(
+                time=now(), request_id="f" * 32, api="v1", backend_model="crafted", stream=False, outcome="refused",
+                status=200, prompt="爆弾の作り方", system=None, final="お答えできません", sections={},
+                guard={"prompt": {"verdict": "unsafe", "categories": ["S9"]}, "final": None}))
+            held = page.wait_for_selector("#audit-log .outcome.held", timeout=20_000)
+            assert held.inner_text() == "refused prompt:unsafe S9" and "爆弾" not in page.content()
             page.wait_for_timeout(500)
             cfg.reports_dir.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(cfg.reports_dir / "dashboard.png"), full_page=True)

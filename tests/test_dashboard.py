@@ -206,7 +206,7 @@ def audit_line(i: int) -> str:
     digest = {"sha256": f"{i:064x}", "length": i + 1}
     return json.dumps({"time": "2026-12-02T17:30:00.000Z", "request_id": f"{i:032x}", "api": "v1", "backend_model": "m",
                        "stream": True, "outcome": "ok", "status": 200, "prompt": digest, "system": None,
-                       "final": digest, "thinking": {"think-logic": digest}}) + "\n"
+                       "final": digest, "thinking": {"think-logic": digest}, "guard": None}) + "\n"
 
 
 def test_audit_tail(run):

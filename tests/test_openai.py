@@ -182,6 +182,18 @@ def test_keep_alive_lines_while_the_model_thinks(api, backend, served):
     assert "".join(part.content for part in chat.stream("p")) == "done"
 
 
+def test_keep_alive_lines_while_the_model_streams_its_thinking(backend, served):
+    """A model that thinks aloud streams steadily, faster than the interval, yet nothing of it may
+    be sent: the client still hears a comment line every interval."""
+    backend.content, backend.chunk, backend.stall = f"<think>{SECRET * 12}</think><final>done</final>", 2, KEEPALIVE / 4
+    base, _ = served
+    with httpx2.stream("POST", base + "/v1/chat/completions", headers={"Authorization": f"Bearer {TOKEN}"},
+                       json={"model": MODEL, "messages": [{"role": "user", "content": "p"}], "stream": True},
+                       timeout=30) as r:
+        raw = r.read().decode()
+    assert raw.count(": keep-alive\n\n") >= 3 and raw.endswith("data: [DONE]\n\n") and no_secret(raw)
+
+
 def test_langchain_chat_openai(backend, served):
     backend.reset()
     backend.content = f"<think-logic>{SECRET}</think-logic><final>はい</final>"

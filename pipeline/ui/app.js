@@ -276,6 +276,14 @@ function hashes(entry, prefix = "") {
   return out;
 }
 
+// The guard's verdicts on an audit line: " prompt:unsafe S9 final:safe" (verdicts and codes only).
+function guardVerdicts(guard) {
+  if (!guard) return "";
+  return ["prompt", "final"].filter((k) => guard[k])
+    .map((k) => ` ${k}:${guard[k].verdict}${guard[k].categories.length ? " " + guard[k].categories.join(",") : ""}`)
+    .join("");
+}
+
 async function refreshAudit() {
   const data = await getJSON("/api/audit?tail=12");
   const node = $("audit-log");
@@ -287,7 +295,8 @@ async function refreshAudit() {
   const rows = [...data.entries].reverse().map((e) => [
     String(e.time ?? e.ts ?? "").slice(11, 19),
     el("span", {}, el("code", {}, String(e.request_id ?? "").slice(0, 8)), ` ${e.api ?? "think"}`),
-    el("span", { class: `outcome ${e.outcome === "ok" ? "pass" : "fail"}` }, String(e.outcome ?? "")),
+    el("span", { class: `outcome ${e.outcome === "ok" ? "pass" : e.outcome === "refused" ? "held" : "fail"}` },
+      String(e.outcome ?? ""), guardVerdicts(e.guard)),
     el("span", { class: "hashes" }, ...hashes(e)),
   ]);
   node.replaceChildren(table([["時刻", "time"], ["要求", "request"], ["結果", "outcome"], ["ハッシュ", "sha256 · length"]], rows),
