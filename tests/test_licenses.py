@@ -54,7 +54,8 @@ def test_a_license_off_the_list_is_refused_unless_acknowledged(tmp_path, tiny_ph
     cfg = config(tmp_path, tiny_phi3_dir, [{**source, "license_acknowledged": True}])
     prepare_data(cfg)
     report = json.loads(cfg.data_report.read_text(encoding="utf-8"))
-    assert report["sources"][source["path"]] == {"license": ["cc-by-nc-4.0"], "revision": None, "acknowledged": True}
+    assert report["sources"][source["path"]] == {"license": ["cc-by-nc-4.0"], "revision": None, "acknowledged": True,
+                                                 "purpose": "chat"}
     assert "| cc-by-nc-4.0 (acknowledged) | - | 10 |" in (cfg.reports_dir / "data.md").read_text(encoding="utf-8")
 
 

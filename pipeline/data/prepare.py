@@ -27,15 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..artifacts import atomic_write_text, write_if_changed
-from ..config import PROJECT_DIR, Config
+from ..config import PROJECT_DIR, Config, data_uses_guard
 from ..constants import PREPARED_MARKER
 from ..errors import DataError
+from ..guard import Guard, guard_from_config
 from ..integrity import file_record, folder_problem, verify_folder
 from .credentials import SECRET_KINDS, apply_secrets_policy, find_secrets
 from .dedup import Deduplicator, content_key
 from .licenses import license_problem, source_licenses
 from .formats import to_record
 from .pii import PII_CATEGORIES, apply_policy, scan
+from .refusal import refusal_problem, reply_verdict
 from .sources import read_jsonl, read_source, source_name
 
 SPLITS = ("train", "validation")
@@ -55,6 +57,12 @@ class Tally:
     secrets_found: Counter = field(default_factory=Counter)  # finds per kind of credential
     secrets_examples: Counter = field(default_factory=Counter)  # examples with a find, per kind
     secrets_dropped: int = 0
+    refusal_kept: int = 0  # examples of refusal-only sources whose every reply refuses
+    refusal_dropped: int = 0  # ... and those with a reply that is no refusal
+    refusal_unsafe: int = 0  # ... and those whose refusal the guard calls unsafe
+    guard_judged: int = 0  # examples the guard judged
+    guard_dropped: int = 0  # examples of other sources (data.guard_replies) with an unsafe reply
+    guard_categories: Counter = field(default_factory=Counter)  # unsafe replies per category
     duplicates: Counter = field(default_factory=Counter)  # exact, near
     kept: Counter = field(default_factory=Counter)  # per split
 
@@ -67,7 +75,7 @@ def check_licenses(cfg: Config, tally: Tally) -> None:
         name = source_name(src)
         licenses = source_licenses(src, name, cfg.resolve)
         tally.licenses[name] = {"license": licenses, "revision": src.revision if src.hub else None,
-                                "acknowledged": src.license_acknowledged}
+                                "acknowledged": src.license_acknowledged, "purpose": src.purpose}
         problem = license_problem(name, licenses, cfg.data.licenses.allow, src.license_acknowledged)
         if problem:
             problems.append(problem)
@@ -83,19 +91,50 @@ def read_all(cfg: Config, tally: Tally) -> list[dict]:
         name, rows = read_source(src, cfg.resolve)
         tally.read[name] += len(rows)
         for row in rows:
-            records.append({**to_record(row.record, src, row.where), "source": row.where})
+            record = to_record(row.record, src, row.where)
+            if src.purpose == "refusal" and "messages" not in record:
+                raise DataError(f"{row.where}: a refusal source (purpose: refusal) needs conversations: in plain "
+                                "text every token would be a training target (give format messages, sharegpt "
+                                "or alpaca)")
+            records.append({**record, "source": row.where, "purpose": src.purpose})
     return records
 
 
+def screened(rec: dict, purpose: str, where: str, guard: Guard | None, guard_replies: bool, tally: Tally) -> bool:
+    """Whether the example may be trained on. A refusal source's replies must all be refusals
+    (pipeline/data/refusal.py) and, with a guard, safe; with data.guard_replies every other
+    source's replies must be safe too. Each drop is counted."""
+    if purpose == "refusal" and refusal_problem(rec):
+        tally.refusal_dropped += 1
+        return False
+    if guard is not None and (purpose == "refusal" or guard_replies) and "messages" in rec:
+        verdict = reply_verdict(guard, rec, where)
+        tally.guard_judged += 1
+        if verdict.verdict == "unsafe":
+            tally.guard_categories.update(verdict.categories or ["unspecified"])
+            if purpose == "refusal":
+                tally.refusal_unsafe += 1
+            else:
+                tally.guard_dropped += 1
+            return False
+    if purpose == "refusal":
+        tally.refusal_kept += 1
+    return True
+
+
 def apply_policies(cfg: Config, records: list[dict], tally: Tally) -> list[dict]:
-    """Records after the credentials and PII policies and duplicate removal, in their original order.
-    Credentials are looked for first, in the text as written (a PII mask could cut a key in two)."""
+    """Records after the refusal and guard screens, the credentials and PII policies and duplicate
+    removal, in their original order. Credentials are looked for first, in the text as written (a
+    PII mask could cut a key in two)."""
     policy = cfg.data.pii.model_dump()
     d = cfg.data.dedup
     dedup = Deduplicator(exact=d.exact, near=d.near, threshold=d.threshold)
+    guard = guard_from_config(cfg) if data_uses_guard(cfg) else None
     kept = []
     for rec in records:
-        source = rec.pop("source")
+        source, purpose = rec.pop("source"), rec.pop("purpose")
+        if not screened(rec, purpose, source, guard, cfg.data.guard_replies, tally):
+            continue
         rec, secrets = apply_secrets_policy(rec, cfg.data.secrets)
         tally.secrets_found.update(secrets)
         tally.secrets_examples.update(secrets.keys())
@@ -129,6 +168,8 @@ def split(cfg: Config, records: list[dict], tally: Tally) -> dict[str, list[dict
         out["validation" if in_validation(body, cfg.run.seed, cfg.data.validation_fraction) else "train"].append(rec)
     if not out["train"]:
         raise DataError(f"data: no training example left ({sum(tally.read.values())} read, "
+                        f"{tally.refusal_dropped} refusal-source examples without a refusal, "
+                        f"{tally.refusal_unsafe + tally.guard_dropped} with a reply the guard calls unsafe, "
                         f"{tally.secrets_dropped} dropped for credentials, "
                         f"{tally.pii_dropped} dropped for personal information, "
                         f"{sum(tally.duplicates.values())} duplicates, {len(out['validation'])} in validation)")
@@ -195,6 +236,26 @@ def secrets_detector_figures(corpus: Path = SECRETS_CORPUS) -> dict[str, dict]:
     return figures
 
 
+def guard_report(cfg: Config, tally: Tally) -> dict | None:
+    if not data_uses_guard(cfg):
+        return None
+    g = cfg.serve.guard
+    return {"model": g.model, "format": g.format, "guard_replies": cfg.data.guard_replies,
+            "judged": tally.guard_judged, "dropped_refusal_sources": tally.refusal_unsafe,
+            "dropped_other_sources": tally.guard_dropped, "categories": dict(sorted(tally.guard_categories.items()))}
+
+
+def guard_lines(cfg: Config, tally: Tally) -> str:
+    report = guard_report(cfg, tally)
+    if report is None:
+        return "Not asked: no serve.guard, or nothing for it to judge (no refusal-only source, data.guard_replies off)."
+    scope = "every source's assistant replies" if cfg.data.guard_replies else "the refusal-only sources' replies"
+    categories = ", ".join(f"{k} {v}" for k, v in report["categories"].items()) or "none"
+    return (f"{report['model']} ({report['format']}) judged {scope}: {report['judged']} examples, "
+            f"{report['dropped_refusal_sources']} dropped from refusal-only sources and "
+            f"{report['dropped_other_sources']} from the others as unsafe. Unsafe replies per category: {categories}.")
+
+
 def write_report(cfg: Config, tally: Tally) -> None:
     detectors = pii_detector_figures()
     secret_detectors = secrets_detector_figures()
@@ -209,6 +270,9 @@ def write_report(cfg: Config, tally: Tally) -> None:
                     "found": {k: tally.secrets_found[k] for k in SECRET_KINDS},
                     "examples": {k: tally.secrets_examples[k] for k in SECRET_KINDS}},
         "secrets_detectors": secret_detectors,
+        "refusal_sources": {"kept": tally.refusal_kept, "dropped_not_refusals": tally.refusal_dropped,
+                            "dropped_unsafe": tally.refusal_unsafe},
+        "guard": guard_report(cfg, tally),
         "duplicates": {"exact": tally.duplicates["exact"], "near": tally.duplicates["near"]},
         "kept": {s: tally.kept[s] for s in SPLITS},
         "pii_detectors": detectors,
@@ -240,6 +304,14 @@ def write_report(cfg: Config, tally: Tally) -> None:
                      f"{f['found']}/{f['positives']} | {f['false_positives']}/{f['negatives']} |")
     lines += ["", "Detector figures: the bundled corpus data/secrets_corpus.jsonl (credentials of each kind "
               "in Japanese and English text, and look-alikes: placeholders, hashes, UUIDs, code)."]
+    refusal = [n for n, lic in tally.licenses.items() if lic.get("purpose") == "refusal"]
+    lines += ["", "## Refusal-only sources", "",
+              ("Sources: " + ", ".join(refusal) + ". They teach refusing unsafe requests, never generating: only "
+               "assistant replies are training targets, and an example whose replies are not all refusals "
+               f"(pipeline/data/refusal.py) is dropped. Kept {tally.refusal_kept}, dropped {tally.refusal_dropped}"
+               + (f", dropped as unsafe by the guard {tally.refusal_unsafe}" if data_uses_guard(cfg) else "") + ".")
+              if refusal else "None."]
+    lines += ["", "## Guard", "", guard_lines(cfg, tally)]
     cfg.reports_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg.reports_dir / "data.md", "\n".join(lines) + "\n")
     atomic_write_text(cfg.data_report, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
