@@ -176,6 +176,19 @@ class Trainer:
             enabled=self.device.type == "cuda" and self.compute_dtype != torch.float32,
         )
 
+    def step_examples(self, step: int) -> list[list[Example]]:
+        """This process's micro-batches of optimizer step `step` (0-based).
+
+        The step's examples are split into micro-batches and across processes
+        so that N processes see exactly what one process with an N times
+        bigger batch sees.
+        """
+        t, world, rank = self.cfg.train, self.dist.world, self.dist.rank
+        bs = t.batch_size
+        order = example_order(len(self.examples), step, bs * t.grad_accum * world, self.cfg.run.seed)
+        return [[self.examples[i] for i in order[(m * world + rank) * bs:(m * world + rank + 1) * bs]]
+                for m in range(t.grad_accum)]
+
     def alpha_is_learned(self, step: int) -> bool:
         """With soul.learn_alpha, alpha trains once the schedule has reached its target."""
         return self.cfg.soul.learn_alpha and step >= self.anneal_end
@@ -228,7 +241,6 @@ class Trainer:
         if self.dist.is_main:
             atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         metrics = metrics_path.open("a", encoding="utf-8") if self.dist.is_main else open(os.devnull, "w")
-        per_step = t.batch_size * t.grad_accum
         start = time.perf_counter() - (kept[-1]["elapsed_s"] if kept else 0.0)
         autocast = self.autocast()
         progress = make_progress(t.steps, initial=first, enabled=self.dist.is_main)
@@ -247,13 +259,7 @@ class Trainer:
                     group["lr"] = base_lr * lr_scale
 
                 t0 = time.perf_counter()
-                # The step's examples, split into micro-batches and across processes
-                # so that N processes see exactly what one process with an N times
-                # bigger batch sees.
-                world, rank, bs = self.dist.world, self.dist.rank, t.batch_size
-                order = example_order(len(self.examples), step, per_step * world, cfg.run.seed)
-                micro = [[self.examples[i] for i in order[(m * world + rank) * bs:(m * world + rank + 1) * bs]]
-                         for m in range(t.grad_accum)]
+                micro = self.step_examples(step)
                 batches = [collate(items, self.pad_id) for items in micro]
                 # The loss is the mean over every trained token of the step, however
                 # it is split into micro-batches and processes: each adds its sum / the total.
