@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,14 +264,43 @@ def real_model(family: str) -> RealModel:
     return REAL_MODELS[family]
 
 
+# Beside tokenizer files made to travel (write_tokenizer_files): the ids of the family's special
+# tokens, which config.json and generation_config.json are written from.
+TOKENIZER_IDS = "tokenizer_ids.json"
+
+
+def write_tokenizer_files(folder: Path, family: str) -> Path:
+    """The family's tokenizer files, as build_shaped writes them, and TOKENIZER_IDS, into folder.
+
+    For a machine without the pinned llama.cpp source (an offline GPU machine): build_shaped(...,
+    tokenizer=folder) there copies them instead of making them. Output: folder. Errors: as
+    build_shaped's (KeyError, ToolchainError).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = _write_tokenizer(folder, real_model(family).family)
+    (folder / TOKENIZER_IDS).write_text(json.dumps(ids, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return folder
+
+
+def copy_tokenizer(source: Path, folder: Path) -> dict[str, int]:
+    """Copy write_tokenizer_files' files from source into folder; returns the special tokens' ids."""
+    for file in sorted(Path(source).iterdir()):
+        if file.is_file() and file.name != TOKENIZER_IDS:
+            shutil.copyfile(file, folder / file.name)
+    return json.loads((Path(source) / TOKENIZER_IDS).read_text(encoding="utf-8"))
+
+
 def build_shaped(out_dir: Path, family: str, *, shape: dict[str, int] | None = None,
-                 tie_word_embeddings: bool | None = None, shards: int = 2, seed: int = 0) -> Path:
+                 tie_word_embeddings: bool | None = None, shards: int = 2, seed: int = 0,
+                 tokenizer: Path | None = None) -> Path:
     """Write a model folder of the family's real model (REAL_MODELS) in the hub's layout, random bf16 weights.
 
     Inputs: out_dir (replaced once the new folder is complete); family, a key of REAL_MODELS;
     shape, the real model's shape keys (full_size is the real one; default its smoke shape);
     tie_word_embeddings (default: as the real model); shards, how many safetensors files (with
-    model.safetensors.index.json); seed. Output: out_dir, with config.json,
+    model.safetensors.index.json); seed; tokenizer, a folder of write_tokenizer_files (default: the
+    tokenizer is made from the pinned llama.cpp source). Output: out_dir, with config.json,
     generation_config.json, the shards and the family's tokenizer files. The same arguments give
     byte-identical files. Errors: KeyError for a family without a real model or a shape key
     missing; ValueError for a shape the real config cannot have; ToolchainError when the pinned
@@ -281,7 +311,7 @@ def build_shaped(out_dir: Path, family: str, *, shape: dict[str, int] | None = N
     tied = real.tied if tie_word_embeddings is None else tie_word_embeddings
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as staging:
-        ids = _write_tokenizer(staging, real.family)
+        ids = copy_tokenizer(tokenizer, staging) if tokenizer else _write_tokenizer(staging, real.family)
         config = real.config(shape, tied, ids)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (staging / "generation_config.json").write_text(json.dumps(real.generation(ids), indent=2) + "\n",

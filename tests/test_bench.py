@@ -64,6 +64,19 @@ def test_fullsize_bench_smoke(family, tmp_path):
     assert config["tie_word_embeddings"] is (family == "qwen3")
 
 
+def test_shaped_base_from_travelling_tokenizer_files(tmp_path):
+    """On a machine without the pinned llama.cpp source, build_shaped takes the tokenizer files that
+    write_tokenizer_files made elsewhere, and writes the very same base."""
+    from pipeline.fullshape import TOKENIZER_IDS, build_shaped, write_tokenizer_files
+
+    travel = write_tokenizer_files(tmp_path / "travel", "phi3")
+    assert (travel / TOKENIZER_IDS).is_file() and (travel / "tokenizer.model").is_file()
+    made = build_shaped(tmp_path / "made", "phi3")
+    copied = build_shaped(tmp_path / "copied", "phi3", tokenizer=travel)
+    assert sorted(p.name for p in copied.iterdir()) == sorted(p.name for p in made.iterdir())
+    assert all((copied / p.name).read_bytes() == p.read_bytes() for p in made.iterdir())
+
+
 # Qwen/Qwen3-4B's config.json keys (the hub's file, transformers 4.51.0).
 QWEN3_4B_KEYS = {
     "architectures", "attention_bias", "attention_dropout", "bos_token_id", "eos_token_id", "head_dim", "hidden_act",
