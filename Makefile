@@ -165,6 +165,20 @@ LAYERS ?=
 bench-fullsize: $(VENV_READY) $(LLAMA_READY) ## Full-size rehearsal: every stage's time, memory, disk (FAMILY=qwen3: Qwen3-4B)
 	$(PY) bench/fullsize.py --family $(FAMILY) $(if $(LAYERS),--layers $(LAYERS))
 
+# The real path on a CUDA GPU (bench/gpu_proof.py): peak VRAM and tokens/s of training at the seeds'
+# settings on a random Phi-3.5-mini-shaped base, against HF's Trainer + PEFT, fuse and its gate on the
+# GPU; GPU_PROOF_ARGS=--llama-cuda adds llama.cpp built with GGML_CUDA=ON. In the CUDA image:
+# make docker-run TARGET=gpu-proof. For an offline GPU machine without bitsandbytes, make gpu-proof-pack
+# here writes the wheels and tokenizer it lacks into build/gpu-proof/travel (the script's docstring
+# has the command to run there).
+GPU_PROOF_ARGS ?=
+.PHONY: gpu-proof gpu-proof-pack
+gpu-proof: $(VENV_READY) $(LLAMA_READY) ## On a CUDA GPU: VRAM and speed at the seeds' settings vs HF Trainer + PEFT, fuse on the GPU
+	$(PY) bench/gpu_proof.py $(GPU_PROOF_ARGS)
+
+gpu-proof-pack: $(VENV_READY) $(LLAMA_READY) ## What an offline GPU machine lacks for gpu-proof: wheels + tokenizer (< 64 MiB)
+	$(PY) bench/gpu_proof.py --pack
+
 .PHONY: clean
 clean: ## Remove build outputs of this clone (keeps the venv and the llama.cpp cache)
 	rm -rf build

@@ -19,8 +19,9 @@ FIGURES = {
     "serve_load.py": ("throughput  first byte p50", "overhead p50", "answered 429 (expected 3) ok",
                       "(429s included), all well-formed ok"),
 }
-# bench/fullsize.py has a smoke test of its own, per family (test_fullsize_bench_smoke).
-OWN_TEST = {"fullsize.py"}
+# bench/fullsize.py and bench/gpu_proof.py have smoke tests of their own (test_fullsize_bench_smoke,
+# test_gpu_proof_smoke).
+OWN_TEST = {"fullsize.py", "gpu_proof.py"}
 NOT_BENCHMARKS = {"__init__.py", "common.py"}
 
 
@@ -64,6 +65,31 @@ def test_fullsize_bench_smoke(family, tmp_path):
     assert config["tie_word_embeddings"] is (family == "qwen3")
 
 
+def test_gpu_proof_smoke(tmp_path):
+    """bench/gpu_proof.py --smoke: every part on the CPU, each in its own process, on Phi-3.5's shape
+    at a tiny width. The project loop (with and without the soul) and HF's Trainer train the same
+    windows, NF4 through bitsandbytes; fuse's gate passes; the llama.cpp comparison runs (the CPU
+    build on both sides here, so its logits agree exactly); the table holds every figure."""
+    proc = subprocess.run([sys.executable, "bench/gpu_proof.py", "--smoke", "--work", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_proof.json").read_text())
+    runs = [result[k] for k in ("loop+soul", "loop", "hf")]
+    for run in runs:
+        assert run["nf4"] and run["timed_steps"] == 2 and run["tokens_per_s"] > 0
+        assert 0 < run["trained_tokens_per_s"] < run["tokens_per_s"]
+        assert run["vram_allocated"] is None  # no GPU: no VRAM figure
+    # the same data, window for window, through the three
+    assert runs[0]["tokens_per_step"] == runs[1]["tokens_per_step"] == runs[2]["tokens_per_step"] > 256
+    assert result["fuse"]["kl"] < 0.02 and result["fuse"]["merge_base"] in ("original", "dequantized")
+    assert result["llama"]["kl"] < 1e-9 and result["llama"]["top1"] == 1.0
+    for figure in ("| project loop + soul | tokens/s", "| project loop, LoRA alone | tokens/s",
+                   "| HF Trainer + PEFT | tokens/s", "| ratio | project loop + soul / HF Trainer + PEFT",
+                   "| fuse | gate KL", "| llama.cpp | f16 GGUF, CUDA vs CPU build"):
+        assert figure in proc.stdout, figure
+    assert (tmp_path / "gpu_proof.md").read_text() in proc.stdout
+
+
 def test_shaped_base_from_travelling_tokenizer_files(tmp_path):
     """On a machine without the pinned llama.cpp source, build_shaped takes the tokenizer files that
     write_tokenizer_files made elsewhere, and writes the very same base."""
@@ -75,6 +101,13 @@ def test_shaped_base_from_travelling_tokenizer_files(tmp_path):
     copied = build_shaped(tmp_path / "copied", "phi3", tokenizer=travel)
     assert sorted(p.name for p in copied.iterdir()) == sorted(p.name for p in made.iterdir())
     assert all((copied / p.name).read_bytes() == p.read_bytes() for p in made.iterdir())
+
+
+def test_gpu_proof_travels_at_the_pinned_versions():
+    """What gpu_proof --pack downloads for the lent machine is pinned in requirements/base.txt."""
+    from bench.gpu_proof import TRAVEL_PACKAGES, normalized, pins
+
+    assert {normalized(name) for name in TRAVEL_PACKAGES} <= set(pins())
 
 
 # Qwen/Qwen3-4B's config.json keys (the hub's file, transformers 4.51.0).
