@@ -9,11 +9,17 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx2
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+
+from makeutil import needs_llama_cpp
+from pipeline import llamacpp
 
 SECRET = "θψΩ秘密"
 # Replies built from these pieces hold SECRET only as thinking (the final and outside text are other
@@ -40,6 +46,24 @@ def wait_http(url: str, proc: subprocess.Popen, seconds: float = 60) -> None:
             pass
         time.sleep(0.2)
     raise AssertionError(f"{url} did not come up")
+
+
+@contextmanager
+def tiny_llama_server(model_dir: Path, work: Path, *args: str) -> Iterator[str]:
+    """The real llama-server (the pinned build) on an f16 GGUF of the HF model in model_dir,
+    with `args` added; yields its /v1 base URL and stops it after."""
+    needs_llama_cpp()
+    gguf = llamacpp.convert_hf_to_gguf(model_dir, work / "tiny-f16.gguf", "f16")
+    port = free_port()
+    proc = subprocess.Popen([str(llamacpp.tool("llama-server")), "-m", str(gguf), "--host", "127.0.0.1",
+                             "--port", str(port), "-c", "512", "-t", "2", "--no-webui", "--temp", "0", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 class Backend:

@@ -54,20 +54,23 @@ def bad_magic(p: Path) -> None:
 FUSED_WEIGHTS = "fused/model.safetensors"
 ADAPTER = "checkpoints/final/adapter_model.safetensors"
 # (name, damage, file, groups that must be rebuilt)
+# A new fused model comes with its model card (fused/README.md, rewritten by fuse and refreshed by
+# convert and quantize) and both GGUFs.
+FUSED_ON = {"fused", "fused/README.md", "gguf/t-f16.gguf", "gguf/t-q4_k_m.gguf"}
 CASES = [
     ("converted-gguf-truncated", truncate, "gguf/t-f16.gguf", {"gguf/t-f16.gguf", "gguf/t-q4_k_m.gguf"}),
     ("converted-gguf-bit-flip", flip_bit, "gguf/t-f16.gguf", {"gguf/t-f16.gguf", "gguf/t-q4_k_m.gguf"}),
     ("quantized-gguf-bad-magic", bad_magic, "gguf/t-q4_k_m.gguf", {"gguf/t-q4_k_m.gguf"}),
     ("quantized-gguf-sidecar-lost", lambda p: Path(str(p) + ".sha256").unlink(), "gguf/t-q4_k_m.gguf",
      {"gguf/t-q4_k_m.gguf"}),
-    ("fused-safetensors-truncated", truncate, FUSED_WEIGHTS, {"fused", "gguf/t-f16.gguf", "gguf/t-q4_k_m.gguf"}),
-    ("fused-safetensors-bit-flip", flip_bit, FUSED_WEIGHTS, {"fused", "gguf/t-f16.gguf", "gguf/t-q4_k_m.gguf"}),
+    ("fused-safetensors-truncated", truncate, FUSED_WEIGHTS, FUSED_ON),
+    ("fused-safetensors-bit-flip", flip_bit, FUSED_WEIGHTS, FUSED_ON),
     ("fused-config-edited", lambda p: p.write_text(p.read_text().replace("\n", "\n ", 1)), "fused/config.json",
-     {"fused", "gguf/t-f16.gguf", "gguf/t-q4_k_m.gguf"}),
+     FUSED_ON),
     ("checkpoint-adapter-bit-flip", flip_bit, ADAPTER,
-     {"checkpoints/final", "fused", "gguf/t-f16.gguf", "gguf/t-q4_k_m.gguf"}),
+     {"checkpoints/final", *FUSED_ON}),
     ("checkpoint-soul-truncated", truncate, "checkpoints/final/soul.safetensors",
-     {"checkpoints/final", "fused", "gguf/t-f16.gguf", "gguf/t-q4_k_m.gguf"}),
+     {"checkpoints/final", *FUSED_ON}),
 ]
 
 

@@ -8,17 +8,14 @@ guard would."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import httpx2
 import openai
 import pytest
 from starlette.testclient import TestClient
 
-from crafted_backend import Backend, free_port, wait_http
-from makeutil import needs_llama_cpp
+from crafted_backend import Backend, free_port, tiny_llama_server
 from metrics_fixture import DEMO_DATA, fixture_config
-from pipeline import llamacpp
 from pipeline.audit import verify
 from pipeline.config import ConfigError, load_config
 from pipeline.guard import Guard, Verdict, guard_messages, parse_llama_guard_3, parse_shieldgemma
@@ -235,17 +232,8 @@ def test_the_config_names_a_guard_problem(tmp_path, overrides, message):
 @pytest.fixture(scope="module")
 def babbling_server(tiny_phi3_dir, tmp_path_factory):
     """llama-server on the random tiny model: it answers arbitrary text, never a verdict."""
-    needs_llama_cpp()
-    gguf = llamacpp.convert_hf_to_gguf(tiny_phi3_dir, tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf", "f16")
-    port = free_port()
-    proc = subprocess.Popen([str(llamacpp.tool("llama-server")), "-m", str(gguf), "--host", "127.0.0.1",
-                             "--port", str(port), "-c", "512", "-t", "2", "--no-webui", "--temp", "0"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        stop(proc)
+    with tiny_llama_server(tiny_phi3_dir, tmp_path_factory.mktemp("gguf")) as url:
+        yield url
 
 
 @pytest.mark.slow

@@ -23,10 +23,8 @@ from langchain_openai import ChatOpenAI
 from starlette.testclient import TestClient
 
 from conftest import REPO
-from crafted_backend import HOSTILE_PIECES, SECRET, Backend, free_port, wait_http
-from makeutil import needs_llama_cpp
+from crafted_backend import HOSTILE_PIECES, SECRET, Backend, free_port, tiny_llama_server
 from metrics_fixture import fixture_config
-from pipeline import llamacpp
 from pipeline.audit import verify
 from pipeline.config import load_config
 from pipeline.serve import ServeSettings, create_app
@@ -381,18 +379,8 @@ GRAMMAR = 'root ::= "<think-logic>" [a-z]{6,12} "</think-logic><final>" [a-z]{3,
 
 @pytest.fixture(scope="module")
 def grammar_server(tiny_phi3_dir, tmp_path_factory):
-    needs_llama_cpp()
-    server = llamacpp.tool("llama-server")
-    gguf = llamacpp.convert_hf_to_gguf(tiny_phi3_dir, tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf", "f16")
-    port = free_port()
-    proc = subprocess.Popen([str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                             "-c", "512", "-n", "80", "-t", "2", "--no-webui", "--temp", "0",
-                             "--grammar", GRAMMAR], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        stop(proc)
+    with tiny_llama_server(tiny_phi3_dir, tmp_path_factory.mktemp("gguf"), "-n", "80", "--grammar", GRAMMAR) as url:
+        yield url
 
 
 @pytest.mark.slow
