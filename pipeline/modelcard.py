@@ -145,21 +145,27 @@ def base_license(inp: CardInputs) -> tuple[str, str]:
     return str(value), "from the base's model card (`license:` in its README.md); the fused model is a derivative of the base"
 
 
+def public_name(name: str) -> str:
+    """A hub id as it is; a local file or folder by its own name only: the card is written to be
+    published, and the folders of the machine that built the model are nobody's business."""
+    return Path(name).name if looks_local(name) else name
+
+
 def dataset_ids(cfg: Config) -> list[str]:
-    """Each source as the card's `datasets:` names it: a hub dataset's id, a local file's path."""
-    return [src.hub or src.path for src in cfg.data.sources]
+    """Each source as the card's `datasets:` names it: a hub dataset's id, a local file's name."""
+    return [public_name(src.hub or src.path) for src in cfg.data.sources]
 
 
 def metadata(cfg: Config, inp: CardInputs) -> ModelCardData:
     license_id, _ = base_license(inp)
-    return ModelCardData(base_model=inp.fusion.get("base", cfg.model.base), license=license_id,
+    return ModelCardData(base_model=public_name(str(inp.fusion.get("base", cfg.model.base))), license=license_id,
                          datasets=dataset_ids(cfg), language="ja", tags=TAGS, library_name="transformers",
                          pipeline_tag="text-generation")
 
 
 def section_intro(cfg: Config, inp: CardInputs) -> list[str]:
     return [f"# {cfg.run.name}", "",
-            f"A Japanese chat model: `{inp.fusion.get('base')}` fine-tuned with QLoRA and a learned *soul* "
+            f"A Japanese chat model: `{public_name(str(inp.fusion.get('base')))}` fine-tuned with QLoRA and a learned *soul* "
             "rotation, both folded into a standard Hugging Face model of the base's own architecture by "
             "AGIASI Soul Fusion. This card is written by `make fuse` and rewritten when any figure it "
             "states changes."]
@@ -170,7 +176,7 @@ def section_base(inp: CardInputs) -> list[str]:
     license_id, why = base_license(inp)
     local = looks_local(str(f.get("base")))
     return ["## Base model", "",
-            f"- base: `{f.get('base')}`" + (" (a local folder, not a hub id: name the base's hub id here "
+            f"- base: `{public_name(str(f.get('base')))}`" + (" (a local folder, not a hub id: name the base's hub id here "
                                             "before publishing)" if local else ""),
             f"- revision: `{f.get('revision')}`" + (" (unused for a local folder)" if local else ""),
             f"- license: `{license_id}`, {why}",
@@ -183,7 +189,7 @@ def section_data(inp: CardInputs) -> list[str]:
     if inp.data is None:
         return head + [f"{NOT_MEASURED}: no data report; run `make data`."]
     read = inp.data.get("read", {})
-    rows = [[name, ", ".join(s.get("license") or ["unknown"]) + (" (acknowledged)" if s.get("acknowledged") else ""),
+    rows = [[public_name(name), ", ".join(s.get("license") or ["unknown"]) + (" (acknowledged)" if s.get("acknowledged") else ""),
              s.get("revision") or "-", s.get("purpose") or "chat", read.get(name, 0)]
             for name, s in inp.data.get("sources", {}).items()]
     kept = inp.data.get("kept", {})
@@ -233,12 +239,14 @@ def section_refusal(inp: CardInputs) -> list[str]:
     names = [n for n, s in inp.data.get("sources", {}).items() if s.get("purpose") == "refusal"]
     if not names:
         return head + ["None: no source sets `purpose: refusal`."]
-    r = inp.data.get("refusal_sources", {})
+    r, guard = inp.data.get("refusal_sources", {}), inp.data.get("guard")
+    judged = (f" The guard `{guard['model']}` ({guard['format']}) also judged each reply: dropped as unsafe "
+              f"{r.get('dropped_unsafe', 0)}.") if guard else ""
     return head + [
-        "Sources: " + ", ".join(f"`{n}`" for n in names) + ". A source with `purpose: refusal` teaches refusing "
-        "unsafe requests, never generating them: only assistant replies are training targets (no user turn ever "
-        "is), and an example whose replies are not all refusals is dropped. "
-        f"Kept {r.get('kept', 0)}, dropped as not refusals {r.get('dropped_not_refusals', 0)}."]
+        "Sources: " + ", ".join(f"`{public_name(n)}`" for n in names) + ". A source with `purpose: refusal` "
+        "teaches refusing unsafe requests, never generating them: only assistant replies are training targets (no "
+        "user turn ever is), and an example whose replies are not all refusals is dropped. "
+        f"Kept {r.get('kept', 0)}, dropped as not refusals {r.get('dropped_not_refusals', 0)}." + judged]
 
 
 def section_soul(cfg: Config, inp: CardInputs) -> list[str]:

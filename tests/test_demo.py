@@ -110,8 +110,8 @@ def test_the_demo_writes_a_model_card_with_every_section_and_its_figures(demo):
     assert card_problems(text) == []
     meta = ModelCard.load(card).data
     assert (meta.base_model, meta.license, meta.datasets, meta.language) == (
-        "./build/tiny-phi3", "other", ["data/demo_ja.jsonl"], "ja")
-    assert "| data/demo_ja.jsonl | unknown | - | chat |" in text and "Policy `data.secrets`: drop" in text
+        "tiny-phi3", "other", ["demo_ja.jsonl"], "ja")
+    assert "| demo_ja.jsonl | unknown | - | chat |" in text and "Policy `data.secrets`: drop" in text
     assert "| quantize:Q4_K_M | " in text and "not measured yet: run `make gguf`" not in text
     assert "not measured yet: run `make eval`." in text
     assert "# LICENSE: `make ollama` sends the model card, fused/README.md" in (cfg.run_dir / "Modelfile").read_text()
