@@ -33,6 +33,7 @@ from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
 from .artifacts import atomic_write_text, sha256_file, write_if_changed
 from .config import Config, looks_local
 from .constants import FUSION_MARKER
+from .data.sources import source_name
 from .errors import PipelineError
 
 CARD_FILE = "README.md"
@@ -153,7 +154,14 @@ def public_name(name: str) -> str:
 
 def dataset_ids(cfg: Config) -> list[str]:
     """Each source as the card's `datasets:` names it: a hub dataset's id, a local file's name."""
-    return [public_name(src.hub or src.path) for src in cfg.data.sources]
+    return [Path(src.path).name if src.hub is None else public_name(src.hub) for src in cfg.data.sources]
+
+
+def shown_sources(cfg: Config) -> dict[str, str]:
+    """The data report's name of each source (data.sources.source_name) -> the card's: a local
+    file by its own name, a hub dataset as the report names it."""
+    return {source_name(src): Path(src.path).name if src.hub is None
+            else source_name(src).replace(src.hub, public_name(src.hub), 1) for src in cfg.data.sources}
 
 
 def metadata(cfg: Config, inp: CardInputs) -> ModelCardData:
@@ -184,12 +192,12 @@ def section_base(inp: CardInputs) -> list[str]:
             f"LoRA merged into the {f.get('merge_base')} weights ({f.get('merge_base_reason')})"]
 
 
-def section_data(inp: CardInputs) -> list[str]:
+def section_data(cfg: Config, inp: CardInputs) -> list[str]:
     head = ["## Training data", ""]
     if inp.data is None:
         return head + [f"{NOT_MEASURED}: no data report; run `make data`."]
-    read = inp.data.get("read", {})
-    rows = [[public_name(name), ", ".join(s.get("license") or ["unknown"]) + (" (acknowledged)" if s.get("acknowledged") else ""),
+    read, shown = inp.data.get("read", {}), shown_sources(cfg)
+    rows = [[shown.get(name, public_name(name)), ", ".join(s.get("license") or ["unknown"]) + (" (acknowledged)" if s.get("acknowledged") else ""),
              s.get("revision") or "-", s.get("purpose") or "chat", read.get(name, 0)]
             for name, s in inp.data.get("sources", {}).items()]
     kept = inp.data.get("kept", {})
@@ -232,7 +240,7 @@ def section_secrets(inp: CardInputs) -> list[str]:
         table(["kind", "finds", "examples", "detector (recall, false positives)"], rows)
 
 
-def section_refusal(inp: CardInputs) -> list[str]:
+def section_refusal(cfg: Config, inp: CardInputs) -> list[str]:
     head = ["## Refusal-only sources", ""]
     if inp.data is None:
         return head + [f"{NOT_MEASURED}: run `make data`."]
@@ -243,7 +251,7 @@ def section_refusal(inp: CardInputs) -> list[str]:
     judged = (f" The guard `{guard['model']}` ({guard['format']}) also judged each reply: dropped as unsafe "
               f"{r.get('dropped_unsafe', 0)}.") if guard else ""
     return head + [
-        "Sources: " + ", ".join(f"`{public_name(n)}`" for n in names) + ". A source with `purpose: refusal` "
+        "Sources: " + ", ".join(f"`{shown_sources(cfg).get(n, public_name(n))}`" for n in names) + ". A source with `purpose: refusal` "
         "teaches refusing unsafe requests, never generating them: only assistant replies are training targets (no "
         "user turn ever is), and an example whose replies are not all refusals is dropped. "
         f"Kept {r.get('kept', 0)}, dropped as not refusals {r.get('dropped_not_refusals', 0)}." + judged]
@@ -317,8 +325,8 @@ def section_eval(inp: CardInputs) -> list[str]:
 
 def render_card(cfg: Config, inp: CardInputs) -> str:
     """The card's text: YAML metadata, then one section per subject (pure: same inputs, same bytes)."""
-    sections = [section_intro(cfg, inp), section_base(inp), section_data(inp), section_pii(inp),
-                section_secrets(inp), section_refusal(inp), section_soul(cfg, inp), section_fidelity(cfg, inp),
+    sections = [section_intro(cfg, inp), section_base(inp), section_data(cfg, inp), section_pii(inp),
+                section_secrets(inp), section_refusal(cfg, inp), section_soul(cfg, inp), section_fidelity(cfg, inp),
                 section_eval(inp)]
     body = "\n\n".join("\n".join(s) for s in sections)
     return f"---\n{metadata(cfg, inp).to_yaml()}\n---\n\n{body}\n"

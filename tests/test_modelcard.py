@@ -13,14 +13,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from huggingface_hub import ModelCard
 
 from conftest import REPO, small_config, write_config
-from pipeline.config import FUSION_MARKER, Config
+from pipeline.config import FUSION_MARKER, Config, DataSection, DataSource
 from pipeline.integrity import folder_problem
-from pipeline.modelcard import card_path, card_record, gather, refresh_card, render_card, write_card
+from pipeline.modelcard import (
+    card_path, card_record, dataset_ids, gather, refresh_card, render_card, shown_sources, write_card,
+)
 from pipeline.ollama import render_modelfile
 
 SECTIONS = ("## Base model", "## Training data", "## Personal information", "## Credentials",
@@ -194,3 +197,12 @@ def test_fuse_writes_the_card_outside_the_fused_models_integrity_record(fused_ru
     card.write_text(card.read_text(encoding="utf-8") + "\nedited\n", encoding="utf-8")
     assert folder_problem(fused_run.fused_dir, FUSION_MARKER, full=True) is None
     write_card(fused_run, fused_run.fused_dir)  # as it was
+
+
+def test_sources_are_named_by_hub_id_or_file_name_never_by_folder():
+    """`data/demo_ja.jsonl` (demo.yaml's) has one slash, like a hub id: the config says it is a file."""
+    demo = SimpleNamespace(data=DataSection(train="data/demo_ja.jsonl"))
+    assert dataset_ids(demo) == ["demo_ja.jsonl"] and shown_sources(demo) == {"data/demo_ja.jsonl": "demo_ja.jsonl"}
+    real = SimpleNamespace(data=DataSection(train=[DataSource(hub="llm-jp/oasst2-33k-ja")]))
+    assert dataset_ids(real) == ["llm-jp/oasst2-33k-ja"]
+    assert shown_sources(real) == {"llm-jp/oasst2-33k-ja[train]": "llm-jp/oasst2-33k-ja[train]"}
