@@ -12,7 +12,8 @@ turns them into its task prompt, as Ollama's library models do (`ollama run llam
 template does under llama-server. Its answer is read in the format named by serve.guard.format:
 
   llama-guard-3  "safe", or "unsafe" and a line of violated categories "S1,S10" (Meta's Llama
-                 Guard 3 model card: categories S1-S14 of the MLCommons hazard taxonomy)
+                 Guard 3 model card: categories S1-S14 of the MLCommons hazard taxonomy); a
+                 first line "unsafe" is unsafe whatever follows, keeping the codes it knows
   shieldgemma    "Yes" (the text violates the policy) or "No" at the start (Google's ShieldGemma
                  model card: the output starts with the token Yes or No); no categories
 
@@ -41,8 +42,8 @@ LLAMA_GUARD_3_CATEGORIES = {
     "S11": "Suicide & Self-Harm", "S12": "Sexual Content", "S13": "Elections", "S14": "Code Interpreter Abuse",
 }
 CONNECT_TIMEOUT = 5.0
-# The classifier answers in a few tokens; more is never read.
-MAX_TOKENS = 16
+# The classifier answers in a few tokens (Llama Guard 3: "unsafe", a newline and up to 14 codes).
+MAX_TOKENS = 64
 _YES_NO = re.compile(r"\s*(yes|no)\b", re.I)
 
 
@@ -65,10 +66,10 @@ def parse_llama_guard_3(text: str) -> Verdict:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     if lines == ["safe"]:
         return Verdict("safe")
-    if lines and lines[0] == "unsafe" and len(lines) <= 2:
-        codes = tuple(c.strip() for c in lines[1].split(",")) if len(lines) == 2 else ()
-        if all(c in LLAMA_GUARD_3_CATEGORIES for c in codes):
-            return Verdict("unsafe", codes)
+    if lines and lines[0] == "unsafe":
+        # Whatever follows, the classifier said unsafe: never let that pass, even failing open.
+        codes = tuple(c.strip() for c in lines[1].split(",")) if len(lines) > 1 else ()
+        return Verdict("unsafe", tuple(c for c in codes if c in LLAMA_GUARD_3_CATEGORIES))
     return Verdict("unparseable", why="not Llama Guard 3's safe / unsafe + categories")
 
 

@@ -32,8 +32,11 @@ MODEL = "agiasi-demo"
 @pytest.mark.parametrize("text,verdict,categories", [
     ("safe", "safe", ()), ("\n\nsafe\n", "safe", ()), ("unsafe\nS1", "unsafe", ("S1",)),
     ("unsafe\nS1,S10", "unsafe", ("S1", "S10")), ("unsafe", "unsafe", ()),
-    ("Safe", "unparseable", ()), ("unsafe\nS99", "unparseable", ()), ("the prompt is safe", "unparseable", ()),
-    ("", "unparseable", ()), ("safe\nS1", "unparseable", ()), ("unsafe\nS1\nS2", "unparseable", ()),
+    ("Safe", "unparseable", ()), ("the prompt is safe", "unparseable", ()), ("", "unparseable", ()),
+    ("safe\nS1", "unparseable", ()),
+    # The first line says unsafe: unsafe, whatever follows (never passed, even failing open).
+    ("unsafe\nS99", "unsafe", ()), ("unsafe\nS1,S", "unsafe", ("S1",)), ("unsafe\nweapons", "unsafe", ()),
+    ("unsafe\nS1\nS2", "unsafe", ("S1",)),
 ])
 def test_llama_guard_3_answers(text, verdict, categories):
     v = parse_llama_guard_3(text)
@@ -195,7 +198,7 @@ def test_a_guard_that_is_down_passes_when_failing_open(client, backends, tmp_pat
     assert line["outcome"] == "ok" and line["guard"]["final"] == {"verdict": "unavailable", "categories": []}
 
 
-@pytest.mark.parametrize("answer", ["I am not sure.", "SAFE", "unsafe\nweapons"])
+@pytest.mark.parametrize("answer", ["I am not sure.", "SAFE", "unsafe?"])
 def test_an_answer_that_is_no_verdict_fails_closed(client, backends, tmp_path, answer):
     main, guard = backends
     guard.reply = lambda body: answer
