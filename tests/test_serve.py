@@ -20,10 +20,8 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from conftest import REPO
-from crafted_backend import HOSTILE_PIECES, SECRET, Backend, free_port, wait_http
-from makeutil import needs_llama_cpp
+from crafted_backend import HOSTILE_PIECES, SECRET, Backend, free_port, tiny_llama_server, wait_http
 from metrics_fixture import fixture_config
-from pipeline import llamacpp
 from pipeline.audit import verify
 from pipeline.config import load_config
 from pipeline.errors import BadInputError
@@ -235,19 +233,8 @@ def test_concurrent_requests_each_leave_one_whole_line(backend, tmp_path):
 
 @pytest.fixture(scope="module")
 def llama_server(tiny_phi3_dir, tmp_path_factory):
-    needs_llama_cpp()
-    server = llamacpp.tool("llama-server")  # a build without it is a broken build script: fail, not skip
-    gguf = llamacpp.convert_hf_to_gguf(tiny_phi3_dir, tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf", "f16")
-    port = free_port()
-    proc = subprocess.Popen([str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                             "-c", "512", "-n", "24", "-t", "2", "--no-webui"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with tiny_llama_server(tiny_phi3_dir, tmp_path_factory.mktemp("gguf"), "-n", "24") as url:
+        yield url
 
 
 @pytest.mark.slow
