@@ -172,15 +172,17 @@ def record(cfg: Config, step: str, entry: dict) -> None:
 
 
 def gate(cfg: Config, step: str, reference: str, candidate: str, result: Comparison, bound: float,
-         key: str, extra: dict | None = None) -> None:
-    """Record the comparison; raise FidelityError (and clear downstream artifacts) past the bound."""
+         key: str, extra: dict | None = None) -> dict:
+    """Record the comparison and return its entry; raise FidelityError (and clear downstream
+    artifacts) past the bound."""
     passed = result.kl <= bound and not (extra or {}).get("tokenization_mismatches")
-    record(cfg, step, {"reference": reference, "candidate": candidate, **asdict(result), "bound": bound,
-                       "bound_key": key, "passed": passed, **(extra or {})})
+    entry = {"reference": reference, "candidate": candidate, **asdict(result), "bound": bound,
+             "bound_key": key, "passed": passed, **(extra or {})}
+    record(cfg, step, entry)
     print(f"[fidelity] {step}: KL {result.kl:.3g} (bound {bound:.3g}), top-1 {result.top1:.3f}, "
           f"max |diff| {result.max_abs:.3g} -> {'pass' if passed else 'FAIL'}")
     if passed:
-        return
+        return entry
     discard_from(cfg, step)
     if (extra or {}).get("tokenization_mismatches"):
         raise FidelityError(f"fidelity gate failed at {step}: llama.cpp tokenizes "
@@ -301,8 +303,8 @@ def load_logits(path: Path, ids: list[list[int]]) -> list[np.ndarray] | None:
         return None
 
 
-def gate_fused(cfg: Config, result: Comparison, merge_base: str) -> None:
-    gate(cfg, "fuse", "trained", f"fused (merge base {merge_base})", result, cfg.fidelity.max_kl_fused,
+def gate_fused(cfg: Config, result: Comparison, merge_base: str) -> dict:
+    return gate(cfg, "fuse", "trained", f"fused (merge base {merge_base})", result, cfg.fidelity.max_kl_fused,
          "fidelity.max_kl_fused")
 
 
@@ -312,7 +314,7 @@ def fused_reference(fused_dir: Path, ids: list[list[int]]) -> list[np.ndarray]:
     return kept if kept is not None else fused_logits(fused_dir, ids)
 
 
-def check_converter_exactness(cfg: Config, fused_dir: Path) -> None:
+def check_converter_exactness(cfg: Config, fused_dir: Path) -> dict:
     """convert:f32 (fidelity.compare_f32): the converter and llama.cpp reproduce the model to
     float rounding, so what the outtype comparison then measures is the outtype's own rounding.
 
@@ -322,7 +324,7 @@ def check_converter_exactness(cfg: Config, fused_dir: Path) -> None:
     final norm and folded head, are written as a model of their own, converted to f32 and
     compared with that slice's HF logits; the whole model when it has no more layers than
     that. Runs before the outtype conversion and removes its files before returning, so
-    convert's peak extra disk stays at the converted GGUF's size.
+    convert's peak extra disk stays at the converted GGUF's size. Returns {"convert:f32": its entry}.
     """
     f = cfg.fidelity
     gguf_dir = cfg.gguf_path(cfg.gguf.outtype).parent
@@ -338,8 +340,9 @@ def check_converter_exactness(cfg: Config, fused_dir: Path) -> None:
             source, reference, what = fused_dir, fused_reference(fused_dir, ids), "whole model"
         f32 = llamacpp.convert_hf_to_gguf(source, Path(tmp) / f"{cfg.run.name}-f32.gguf", "f32",
                                           model_name=cfg.gguf_model_name)
-        gate(cfg, "convert:f32", f"fused ({what})", f"{f32.name} (temporary)",
-             compare(reference, gguf_logits(f32, ids)), f.max_kl_converted_f32, "fidelity.max_kl_converted_f32")
+        return {"convert:f32": gate(cfg, "convert:f32", f"fused ({what})", f"{f32.name} (temporary)",
+                                    compare(reference, gguf_logits(f32, ids)), f.max_kl_converted_f32,
+                                    "fidelity.max_kl_converted_f32")}
 
 
 def gate_contexts(cfg: Config, model_dir: Path) -> tuple[int, int | None]:
@@ -375,7 +378,7 @@ def report_long_context(cfg: Config, reference: list[np.ndarray], candidate: lis
           f"against the model at its original context (bound {bound:.3g} not enforced: ollama.allow_long_context)")
 
 
-def check_converted(cfg: Config, fused_dir: Path, gguf: Path) -> None:
+def check_converted(cfg: Config, fused_dir: Path, gguf: Path) -> dict:
     """convert: the fused HF model vs its GGUF in llama.cpp, tokens and logits.
 
     llama.cpp runs at the context Ollama will allocate (gate_contexts); with
@@ -383,6 +386,7 @@ def check_converted(cfg: Config, fused_dir: Path, gguf: Path) -> None:
     KL is reported beside the gate (reports/fidelity.md, "convert:long-context") and does not fail it.
     The fused model's logits are the ones fuse kept beside it (fused/fidelity_logits.npz),
     so no HF model is loaded here; an older fused folder without them is evaluated layer by layer.
+    Returns {"convert": the gate's entry}.
     """
     tokenizer = load_tokenizer(fused_dir)
     ids = prompt_ids(tokenizer)
@@ -391,23 +395,27 @@ def check_converted(cfg: Config, fused_dir: Path, gguf: Path) -> None:
     f = cfg.fidelity
     n_ctx, long_ctx = gate_contexts(cfg, fused_dir)
     name = cfg.gguf_path(cfg.gguf.outtype).name
-    gate(cfg, "convert", "fused", f"{name} (n_ctx {n_ctx})", compare(reference, gguf_logits(gguf, ids, n_ctx)),
-         f.max_kl_converted, "fidelity.max_kl_converted",
-         extra={"tokenization_mismatches": mismatches, "n_ctx": n_ctx})
+    entry = gate(cfg, "convert", "fused", f"{name} (n_ctx {n_ctx})", compare(reference, gguf_logits(gguf, ids, n_ctx)),
+                 f.max_kl_converted, "fidelity.max_kl_converted",
+                 extra={"tokenization_mismatches": mismatches, "n_ctx": n_ctx})
     if long_ctx is not None:
         report_long_context(cfg, reference, gguf_logits(gguf, ids, long_ctx), long_ctx, "convert", "fused",
                             f.max_kl_converted, "fidelity.max_kl_converted")
+    return {"convert": entry}
 
 
-def check_quantized(cfg: Config, converted: Path, quantized: Path, qtype: str) -> None:
+def check_quantized(cfg: Config, converted: Path, quantized: Path, qtype: str) -> dict:
     """quantize: the converted GGUF vs a quantized one, both at the gate's context
-    (gate_contexts); the quantized model at the long context is reported beside it."""
+    (gate_contexts); the quantized model at the long context is reported beside it.
+    Returns {"quantize:<type>": the gate's entry}."""
     ids = prompt_ids(load_tokenizer(cfg.fused_dir))
     bound, key = bound_for(cfg, qtype)
     n_ctx, long_ctx = gate_contexts(cfg, cfg.fused_dir)
     reference = gguf_logits(converted, ids, n_ctx)
-    gate(cfg, f"quantize:{qtype}", converted.name, f"{cfg.gguf_path(qtype).name} (n_ctx {n_ctx})",
-         compare(reference, gguf_logits(quantized, ids, n_ctx)), bound, key, extra={"n_ctx": n_ctx})
+    step = f"quantize:{qtype}"
+    entry = gate(cfg, step, converted.name, f"{cfg.gguf_path(qtype).name} (n_ctx {n_ctx})",
+                 compare(reference, gguf_logits(quantized, ids, n_ctx)), bound, key, extra={"n_ctx": n_ctx})
     if long_ctx is not None:
         report_long_context(cfg, reference, gguf_logits(quantized, ids, long_ctx), long_ctx,
-                            f"quantize:{qtype}", converted.name, bound, key)
+                            step, converted.name, bound, key)
+    return {step: entry}

@@ -139,11 +139,12 @@ def fuse(cfg: Config, checkpoint: Path | None = None, out_dir: Path | None = Non
         write_model_folder(base_dir, tmp, hf, cfg.fuse.dtype)
         fuse_tensors(base_dir, tmp, adapter, soul, dtype,
                      base_weights=nf4_round_trip(nf4) if chosen == "dequantized" else None)
-        result = None
+        result, gated = None, None
         if cfg.fidelity.enabled:  # the gate reads back what was written, and keeps its logits for convert
             logits = fused_logits(tmp, reference.ids)
             save_logits(tmp / FUSED_LOGITS, reference.ids, logits)
             result = compare(reference.logits, logits)
+            gated = gate_fused(cfg, result, chosen)
         files = folder_records(tmp, exclude=(CARD_FILE,))  # the card changes after fuse (modelcard.py)
         provenance = {
             "base": cfg.model.base,
@@ -162,11 +163,12 @@ def fuse(cfg: Config, checkpoint: Path | None = None, out_dir: Path | None = Non
             "outputs": {n: r["sha256"] for n, r in files.items() if n.endswith(".safetensors")},
             # Every file with its size: integrity.sweep/verify_folder find a damaged one.
             "files": files,
+            # The gate's figure belongs to the model: the card states it from here, so a card
+            # rendered without reports/ (cleaned, or a fused folder moved) still has it.
+            "fidelity": gated,
         }
         atomic_write_text(tmp / FUSION_MARKER, json.dumps(provenance, indent=1) + "\n")
-        if result is not None:
-            gate_fused(cfg, result, chosen)
-        write_card(cfg, tmp)  # after the gate, which records the fuse step's figures
+        write_card(cfg, tmp)
     return out_dir
 
 

@@ -4,7 +4,8 @@
 gguf-py) on `<run>/fused/` to `gguf/<run>-<outtype>.gguf`; `quantize` runs
 `llama-quantize` from that file to `gguf/<run>-<type>.gguf`. Both write
 under a temporary name and rename when llama.cpp has finished and the
-header checks out.
+header checks out. The gate's figures for a GGUF go into its sidecar record with it
+(integrity.write_sidecar), so they travel with the file: the model card states them from there.
 """
 from __future__ import annotations
 
@@ -28,13 +29,13 @@ def convert(cfg: Config) -> Path:
     require(cfg, "convert")
     out = cfg.gguf_path(cfg.gguf.outtype)
     print(f"[convert] {fused} -> {out}")
+    exact = {}
     if cfg.fidelity.enabled and cfg.fidelity.compare_f32 and cfg.gguf.outtype != "f32":
-        check_converter_exactness(cfg, fused)  # first: its temporary files are gone before the GGUF is written
+        exact = check_converter_exactness(cfg, fused)  # first: its temporary files are gone before the GGUF is written
 
-    def check(tmp: Path) -> None:
+    def check(tmp: Path) -> dict | None:
         require_folded_head(tmp)
-        if cfg.fidelity.enabled:
-            check_converted(cfg, fused, tmp)
+        return {**exact, **check_converted(cfg, fused, tmp)} if cfg.fidelity.enabled else None
     return llamacpp.convert_hf_to_gguf(fused, out, cfg.gguf.outtype, model_name=cfg.gguf_model_name, check=check)
 
 
@@ -63,10 +64,9 @@ def quantize(cfg: Config, qtype: str) -> Path:
     verify_file(src)
     require(cfg, "quantize")
     print(f"[quantize] {src.name} -> {out.name} ({matches[0]})")
-    def check(tmp: Path) -> None:
+    def check(tmp: Path) -> dict | None:
         require_folded_head(tmp)
-        if cfg.fidelity.enabled:
-            check_quantized(cfg, src, tmp, matches[0])
+        return check_quantized(cfg, src, tmp, matches[0]) if cfg.fidelity.enabled else None
     imatrix = cfg.imatrix_path
     if imatrix is not None:
         if not imatrix.is_file():

@@ -46,13 +46,24 @@ def file_record(path: Path) -> dict:
     return {"sha256": sha256_file(path), "size": path.stat().st_size}
 
 
-def write_sidecar(final: Path, written: Path | None = None) -> None:
-    """Record `written` (default: `final`) as the content of `final`.
+def write_sidecar(final: Path, written: Path | None = None, fidelity: dict | None = None) -> None:
+    """Record `written` (default: `final`) as the content of `final`, with the fidelity gate's
+    entries for it when given.
 
     Call it before renaming a temporary file to `final`: a kill between the two
     leaves a record that the old `final` does not match, which sweep() removes.
     """
-    atomic_write_text(sidecar(final), json.dumps({"file": final.name, **file_record(written or final)}) + "\n")
+    record = {"file": final.name, **file_record(written or final), **({"fidelity": fidelity} if fidelity else {})}
+    atomic_write_text(sidecar(final), json.dumps(record) + "\n")
+
+
+def recorded_fidelity(path: Path) -> dict:
+    """The fidelity gate's entries recorded with a GGUF (write_sidecar); {} when none are."""
+    try:
+        value = json.loads(sidecar(path).read_text(encoding="utf-8")).get("fidelity")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def folder_records(folder: Path, exclude: tuple[str, ...] = ()) -> dict[str, dict]:

@@ -205,19 +205,19 @@ def _run_tool(cmd: list[str], *, what: str, env: dict[str, str] | None = None) -
 
 
 @contextlib.contextmanager
-def _gguf_output(out_path: Path, what: str, check: Callable[[Path], None] | None = None) -> Iterator[Path]:
+def _gguf_output(out_path: Path, what: str, check: Callable[[Path], dict | None] | None = None) -> Iterator[Path]:
     """Yield a temporary path next to out_path; when the block succeeds, the file there is a
-    valid GGUF and `check` (if given) accepts it, rename it to out_path. On any failure the
-    temporary file is removed."""
+    valid GGUF and `check` (if given) accepts it, rename it to out_path. What check returns (the
+    fidelity gate's entries) is recorded in the file's sidecar. On any failure the temporary
+    file is removed."""
     with atomic_file(out_path, suffix=".gguf") as tmp:
         yield tmp
         try:
             validate_gguf(tmp)
         except GGUFError as err:
             raise ToolRunError(f"{what} exited 0 but its output for {out_path} is not a valid GGUF: {err}") from err
-        if check is not None:
-            check(tmp)
-        write_sidecar(out_path, tmp)  # before the rename: a kill in between leaves a record the old file fails
+        figures = check(tmp) if check is not None else None
+        write_sidecar(out_path, tmp, fidelity=figures)  # before the rename: a kill in between leaves a record the old file fails
 
 
 def _gguf_model_name(model_dir: Path, model_name: str | None) -> str:
@@ -232,7 +232,7 @@ def _gguf_model_name(model_dir: Path, model_name: str | None) -> str:
 
 
 def convert_hf_to_gguf(model_dir: Path, out_path: Path, outtype: str, *, model_name: str | None = None,
-                       check: Callable[[Path], None] | None = None) -> Path:
+                       check: Callable[[Path], dict | None] | None = None) -> Path:
     """Convert a Hugging Face model folder to one GGUF file with the pinned, vendored converter.
 
     The converter runs in a child process of this interpreter (sys.executable, which must have
@@ -247,7 +247,7 @@ def convert_hf_to_gguf(model_dir: Path, out_path: Path, outtype: str, *, model_n
     Phi-3's special tokens the right-strip they have in tokenizer.json only when general.name
     says Phi-3, and without it "<|user|>\n..." tokenizes differently from transformers.
     check, called with the finished temporary file before it is renamed: an exception from
-    it (a fidelity gate, say) leaves out_path as it was.
+    it (a fidelity gate, say) leaves out_path as it was; what it returns goes into the sidecar.
     Outputs: out_path, a validated GGUF.
     Errors: ValueError for an unknown outtype or a Phi-3 model_name without "phi3";
     FileNotFoundError when model_dir is not a folder with a config.json; ToolchainError when
@@ -292,7 +292,7 @@ def _canonical_qtype(qtype: str) -> str:
 
 def quantize(src: Path, out_path: Path, qtype: str, *, threads: int | None = None,
              output_tensor_type: str | None = None, imatrix: Path | None = None,
-             check: Callable[[Path], None] | None = None) -> Path:
+             check: Callable[[Path], dict | None] | None = None) -> Path:
     """Quantize a GGUF with the pinned llama-quantize.
 
     Note: k-quants need tensor rows divisible by 256 and every quant needs multiples of 32;
@@ -305,7 +305,7 @@ def quantize(src: Path, out_path: Path, qtype: str, *, threads: int | None = Non
     output_tensor_type, a ggml type name (f16, q8_0, q6_K, ...) for output.weight, the LM
     head (which carries the folded soul); imatrix, an importance matrix from compute_imatrix()
     that weights the quantization error by how much each weight is used; check, called with
-    the finished temporary file before it is renamed.
+    the finished temporary file before it is renamed (what it returns goes into the sidecar).
     Outputs: out_path, a validated GGUF.
     Errors: ValueError for an unknown qtype or threads < 1; GGUFError when src is not a valid
     GGUF; ToolchainError when llama.cpp is not built; ToolRunError when llama-quantize fails

@@ -8,7 +8,9 @@ from files only, never from guesses:
     huggingface_hub's card parser), else `other` with a note saying why;
   - the data sources with licenses and revisions, the PII and credentials policies with their
     figures, the refusal-only sources: reports/data.json;
-  - the fidelity figures: reports/fidelity.json; the eval figures: reports/eval.json. A figure
+  - the fidelity figures: those the artifacts carry (fuse's in fusion.json, each GGUF's in its
+    sidecar record, both written in the stage's atomic step), else reports/fidelity.json;
+    the eval figures: reports/eval.json. A figure
     not measured yet, or measured on an earlier fused model, says so and which target measures it.
 
 `render_card` is pure: the same files give the same bytes. `write_card` writes README.md only
@@ -35,6 +37,7 @@ from .config import Config, looks_local
 from .constants import FUSION_MARKER
 from .data.sources import source_name
 from .errors import PipelineError
+from .integrity import recorded_fidelity, sidecar
 
 CARD_FILE = "README.md"
 TAGS = ["japanese", "qlora", "soul-fusion", "so8-rotation", "gguf", "ollama"]
@@ -50,6 +53,7 @@ class CardInputs:
     eval: dict | None
     base_card: Path | None  # the base's README.md, when it has one at hand
     current_ggufs: frozenset[str]  # GGUF kinds written from this fused model (not an earlier one)
+    recorded: dict  # gate entries the artifacts carry: fusion.json's fuse entry, the current GGUFs' sidecars
     eval_current: bool  # eval.json was written after this fused model
 
 
@@ -89,7 +93,8 @@ def base_card_file(cfg: Config) -> Path | None:
 def card_input_files(cfg: Config) -> list[Path]:
     """The files the card may read besides fusion.json and the data report, whether they exist
     or not: pipeline.mk makes the card depend on those that exist."""
-    files = [fidelity_report(cfg), cfg.eval_report]
+    files = [fidelity_report(cfg), cfg.eval_report,
+             *(sidecar(cfg.gguf_path(k)) for k in (cfg.gguf.outtype, *cfg.gguf.quantizations))]
     if cfg.base_is_local():
         files.append(cfg.resolve(cfg.model.base) / CARD_FILE)
     return files
@@ -107,15 +112,20 @@ def gather(cfg: Config, fused_dir: Path) -> CardInputs:
     if fusion is None:
         raise PipelineError(f"{fused_dir}: no fused model ({FUSION_MARKER}) to write a model card for; "
                             "run `make fuse`")
-    ggufs = [cfg.gguf_path(k) for k in (cfg.gguf.outtype, *cfg.gguf.quantizations)]
+    kinds = (cfg.gguf.outtype, *cfg.gguf.quantizations)
+    ggufs = [cfg.gguf_path(k) for k in kinds]
+    current = frozenset(k for k in kinds if written_after(cfg.gguf_path(k), marker))
+    recorded = {"fuse": fusion["fidelity"]} if isinstance(fusion.get("fidelity"), dict) else {}
+    for kind in kinds:
+        recorded.update(recorded_fidelity(cfg.gguf_path(kind)) if kind in current else {})
     return CardInputs(
         fusion=fusion,
         data=read_json(cfg.data_report),
         fidelity=read_json(fidelity_report(cfg)),
         eval=read_json(cfg.eval_report),
         base_card=base_card_file(cfg),
-        current_ggufs=frozenset(k for k in (cfg.gguf.outtype, *cfg.gguf.quantizations)
-                                if written_after(cfg.gguf_path(k), marker)),
+        current_ggufs=current,
+        recorded=recorded,
         eval_current=written_after(cfg.eval_report, marker, *ggufs),
     )
 
@@ -292,7 +302,7 @@ def section_fidelity(cfg: Config, inp: CardInputs) -> list[str]:
             "from, on the gate's prompts (the stage fails past its bound).", ""]
     if not cfg.fidelity.enabled:
         return head[:2] + ["Not measured: `fidelity.enabled` is false in this run's config."]
-    report = inp.fidelity or {}
+    report = {**(inp.fidelity or {}), **inp.recorded}
     rows = []
     for step, kind in fidelity_steps(cfg):
         e = report.get(step)

@@ -43,12 +43,7 @@ STAGES = {
     "quantize": (("checkpoints", "metrics.jsonl", "fused", "gguf/t-f16.gguf", "gguf/t-f16.gguf.sha256"), "gguf"),
 }
 # Logs and reports carry timings; the rest must be identical.
-# KNOWN DEFECT, not hidden: fused/README.md (the model card) is left out because a kill -9
-# during convert (CI: convert-kill0/1) ends with a card that differs from the uninterrupted
-# run's: `pipeline convert` refreshes the card after the GGUF Make takes as its output
-# (pipeline/cli.py _cmd_convert), so a kill in between leaves it stale. Issue 23 item 5 stays
-# open until the card is refreshed inside the stage's atomic step and this exclusion goes.
-NOT_COMPARED = ("metrics.jsonl", "reports/", "stamps/", "plan.mk", ".lock", "fused/README.md")
+NOT_COMPARED = ("metrics.jsonl", "reports/", "stamps/", "plan.mk", ".lock")
 
 
 def artifact(cfg: Config, argv: list[str]) -> Path:

@@ -11,6 +11,7 @@ only when an input changed, are tests/test_demo.py's.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +21,7 @@ from huggingface_hub import ModelCard
 
 from conftest import REPO, small_config, write_config
 from pipeline.config import FUSION_MARKER, Config, DataSection, DataSource
-from pipeline.integrity import folder_problem
+from pipeline.integrity import folder_problem, write_sidecar
 from pipeline.modelcard import (
     card_path, card_record, dataset_ids, gather, refresh_card, render_card, shown_sources, write_card,
 )
@@ -197,6 +198,31 @@ def test_fuse_writes_the_card_outside_the_fused_models_integrity_record(fused_ru
     card.write_text(card.read_text(encoding="utf-8") + "\nedited\n", encoding="utf-8")
     assert folder_problem(fused_run.fused_dir, FUSION_MARKER, full=True) is None
     write_card(fused_run, fused_run.fused_dir)  # as it was
+
+
+def test_each_ggufs_gate_figures_travel_in_its_sidecar(cfg):
+    """Convert and quantize record their gate entries in the GGUF's sidecar, written before the
+    rename: the card states them with reports/ gone, and only for GGUFs of this fused model."""
+    measured_run(cfg)
+    (cfg.reports_dir / "fidelity.json").unlink()
+    entries = fidelity_report()
+    write_sidecar(cfg.gguf_path(cfg.gguf.outtype), fidelity={k: entries[k] for k in ("convert:f32", "convert")})
+    write_sidecar(cfg.gguf_path("Q4_K_M"), fidelity={"quantize:Q4_K_M": entries["quantize:Q4_K_M"]})
+    text = render_card(cfg, gather(cfg, cfg.fused_dir))
+    assert "| convert | trained | fused | 3e-06 |" in text and "| quantize:Q4_K_M | trained | fused | 0.0421 |" in text
+    later = cfg.fused_marker.stat().st_mtime + 10
+    os.utime(cfg.fused_marker, (later, later))  # fused again: the GGUFs, and their figures, are an earlier model's
+    assert "| quantize:Q4_K_M | - | - | not measured yet: run `make gguf` |" in render_card(cfg, gather(cfg, cfg.fused_dir))
+
+
+def test_the_fused_models_own_gate_figure_needs_no_report(fused_run):
+    """fuse's figure travels in fusion.json: a card rendered with reports/ gone (cleaned, or the fused
+    folder copied elsewhere) still states it, and never sends the user to a `make fuse` that has nothing to do."""
+    recorded = json.loads(fused_run.fused_marker.read_text())["fidelity"]
+    assert recorded["passed"] and recorded["bound_key"] == "fidelity.max_kl_fused"
+    text = render_card(fused_run, replace(gather(fused_run, fused_run.fused_dir), fidelity=None))
+    assert f"| fuse | trained | {recorded['candidate']} | {recorded['kl']:.3g} |" in text
+    assert "run `make fuse`" not in text
 
 
 def test_sources_are_named_by_hub_id_or_file_name_never_by_folder():
