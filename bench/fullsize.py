@@ -3,6 +3,7 @@
     make bench-fullsize                               # Phi-3.5-mini's shape (3.8B), ~40 min on 2 cores
     make bench-fullsize FAMILY=qwen3                  # Qwen3-4B's shape (4.0B, tied, GQA), ~60 min
     .venv/bin/python bench/fullsize.py --layers 4     # the same, 4 decoder layers (quick)
+    .venv/bin/python bench/fullsize.py --max-length 256   # shorter training windows than config.yaml's 512
     .venv/bin/python bench/fullsize.py --smoke        # a tiny width, seconds (the test suite runs this)
 
 It builds, offline and deterministically, a base of the family's real model's
@@ -11,7 +12,7 @@ qwen3; the hub's config.json keys, 4 bf16 safetensors shards with an index,
 the real tokenizer and chat template from the pinned llama.cpp's source,
 logits at a realistic scale), then runs
 the real stages through the real CLI (`python -m pipeline <stage>`) with
-config.yaml's settings and a couple of training steps: data (the bundled
+config.yaml's settings (its 512-token windows unless --max-length) and a couple of training steps: data (the bundled
 JSONL in place of the hub dataset), train, fuse, convert, imatrix, quantize. Per stage it prints:
 
   wall         seconds
@@ -131,8 +132,9 @@ def run_stage(name: str, cmd: list[str], run_dir: Path, log) -> dict:
             "extra_disk": max(0, peak["disk"] - start_size), "vram": peak["vram"]}
 
 
-def bench_config(work: Path, base: Path, steps: int, device: str) -> Path:
-    """config.yaml's settings on the built base, with a few training steps."""
+def bench_config(work: Path, base: Path, steps: int, device: str, max_length: int | None = None) -> Path:
+    """config.yaml's settings on the built base, with a few training steps (and max_length tokens
+    per window when given)."""
     cfg = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
     cfg["run"].update(name="fullsize", build_dir=str(work / "build"))
     cfg["model"].update(base=str(base), revision="main")
@@ -142,7 +144,7 @@ def bench_config(work: Path, base: Path, steps: int, device: str) -> Path:
     # config.yaml's licenses.allow applies; the bundled lines are this project's own (no license declared).
     cfg["data"].update(train=[{"path": str(REPO / "data" / "demo_ja.jsonl"), "format": "messages",
                                "license_acknowledged": True}],
-                       max_length=256)
+                       **({"max_length": max_length} if max_length else {}))
     cfg["eval"]["heldout"] = str(REPO / cfg["eval"]["heldout"])
     if cfg["gguf"]["imatrix"].get("calibration"):
         cfg["gguf"]["imatrix"]["calibration"] = str(REPO / cfg["gguf"]["imatrix"]["calibration"])
@@ -196,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2, help="training steps")
     p.add_argument("--work", type=Path, default=REPO / "build" / "bench-fullsize", help="working folder")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="train.device")
+    p.add_argument("--max-length", type=int, help="data.max_length, tokens per training window (default: config.yaml's)")
     args = p.parse_args(argv)
 
     from pipeline.config import load_config
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         build_shaped(base, args.family, shape=shape, shards=4)
         print(f"[bench] base built in {time.perf_counter() - t:.0f} s", flush=True)
     shutil.rmtree(work / "build", ignore_errors=True)
-    config = bench_config(work, base, args.steps, args.device)
+    config = bench_config(work, base, args.steps, args.device, args.max_length)
     cfg = load_config(config)
     rows = []
     with open(work / "stages.log", "w", encoding="utf-8") as log:

@@ -38,7 +38,12 @@ RUNTIME = 0.9 * GB
 # Bytes per parameter of each stored or computed form.
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "f32": 4, "f16": 2, "bf16": 2, "q8_0": 1.0625}
 NF4_BYTES = 0.5 + 4 / 64  # 4-bit codes + one float32 absmax per 64 (double quant stores less)
-TRAIN_LOAD_FACTOR = 1.45  # train's resident NF4 layers over their stored size, measured at full size
+# train's process beside its tensors. Measured (bench/fullsize.py's sampler, Qwen3-4B's width, NF4,
+# 512-token packed windows, CPU) at 2, 6 and 36 layers: peak = 0.37 GB + the float32 embeddings + per
+# layer exactly its NF4 weights and LoRA's four float32 copies + per token the logits' 16 bytes per
+# vocabulary row; less than RUNTIME, which the other stages' interpreters (llama.cpp's bindings) take.
+# At full size: Qwen3-4B 5.84 GB, Phi-3.5-mini 4.04 GB, against estimates of 5.97 and 4.08 with 0.45.
+TRAIN_RUNTIME = 0.45 * GB
 # fuse's peak per head parameter while it folds the soul into the head (bench/fullsize.py --family qwen3:
 # 2.73 GB, RUNTIME + 4.7 bytes per parameter of the 389M-parameter head)
 FUSE_HEAD_BYTES = 6
@@ -233,9 +238,9 @@ def stage_needs(cfg: Config, stage: str, shape: Shape | None = None) -> Need:
         depth = 1 if cfg.train.gradient_checkpointing else shape.layers
         activations = tokens * (shape.vocab * 16 + depth * (12 * shape.hidden + 4 * shape.intermediate) * 4)
         checkpoints = lora * 3 * (cfg.train.steps // cfg.train.save_every + 1)
-        # loading through bitsandbytes and the allocator's retained pages keep more than the
-        # NF4 layers' size (bench/fullsize.py)
-        return Need(RUNTIME + layers * TRAIN_LOAD_FACTOR + tables + lora * 4 + activations, checkpoints)
+        # (the NF4 layers held 1.45 times their size, and 512 tokens cost twice 256's, until
+        # tensors.return_freed_memory_eagerly fixed glibc's mmap threshold)
+        return Need(TRAIN_RUNTIME + layers + tables + lora * 4 + activations, checkpoints)
     if stage == "fuse":
         out = shape.params * BYTES[cfg.fuse.dtype]
         if not cfg.fidelity.enabled and cfg.fuse.merge_base != "auto":
