@@ -47,6 +47,12 @@ TRAIN_RUNTIME = 0.45 * GB
 # fuse's peak per head parameter while it folds the soul into the head (bench/fullsize.py --family qwen3:
 # 2.73 GB, RUNTIME + 4.7 bytes per parameter of the 389M-parameter head)
 FUSE_HEAD_BYTES = 6
+# fuse's gate holds float32 logits over the whole vocabulary at each of the gate prompts' positions
+# (133 with Qwen3's tokenizer, 173 with Phi-3's: 256 bounds them) for the trained model, both merge
+# candidates and the fused model: what a small model's fuse peaks at (bench/fullsize.py --smoke,
+# Qwen3-4B's 151936 rows at a tiny width: 1.17 GB, above RUNTIME + its layers and head).
+GATE_POSITIONS = 256
+GATE_LOGIT_SETS = 4
 # quantize's gate holds more beside llama.cpp's KV cache, scores and logits than convert's
 # (measured at Phi-3.5-mini's full size: 3.50 GB where RUNTIME + served_gate_memory gives 3.18)
 QUANTIZE_GATE_FACTOR = 1.25
@@ -247,8 +253,10 @@ def stage_needs(cfg: Config, stage: str, shape: Shape | None = None) -> Need:
             return Need(RUNTIME + table * 6, out)
         # layer by layer: a stored layer (bf16), one variant in float32 and the NF4 round
         # trip's temporaries (measured 2.30 GB at Phi-3.5-mini's size); or the head, stored and
-        # folded a block of rows at a time (measured 2.73 GB at Qwen3-4B's tied 151936 x 2560)
-        return Need(RUNTIME + max(layer * 13, table * FUSE_HEAD_BYTES), out)
+        # folded a block of rows at a time (measured 2.73 GB at Qwen3-4B's tied 151936 x 2560); or
+        # the gate's logits
+        gate = GATE_LOGIT_SETS * GATE_POSITIONS * shape.vocab * 4
+        return Need(RUNTIME + max(layer * 13, table * FUSE_HEAD_BYTES, gate), out)
     if stage == "convert":
         out = shape.params * BYTES[cfg.gguf.outtype]
         layers = min(shape.layers, cfg.fidelity.f32_slice_layers)
