@@ -305,7 +305,7 @@ def load_logits(path: Path, ids: list[list[int]]) -> list[np.ndarray] | None:
 
 def gate_fused(cfg: Config, result: Comparison, merge_base: str) -> dict:
     return gate(cfg, "fuse", "trained", f"fused (merge base {merge_base})", result, cfg.fidelity.max_kl_fused,
-         "fidelity.max_kl_fused")
+                "fidelity.max_kl_fused")
 
 
 def fused_reference(fused_dir: Path, ids: list[list[int]]) -> list[np.ndarray]:

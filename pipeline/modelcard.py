@@ -90,11 +90,16 @@ def base_card_file(cfg: Config) -> Path | None:
     return Path(cached) if isinstance(cached, str) else None
 
 
+def gguf_kinds(cfg: Config) -> tuple[str, ...]:
+    """The run's GGUFs: the converted outtype, then each quantization."""
+    return (cfg.gguf.outtype, *cfg.gguf.quantizations)
+
+
 def card_input_files(cfg: Config) -> list[Path]:
     """The files the card may read besides fusion.json and the data report, whether they exist
     or not: pipeline.mk makes the card depend on those that exist."""
     files = [fidelity_report(cfg), cfg.eval_report,
-             *(sidecar(cfg.gguf_path(k)) for k in (cfg.gguf.outtype, *cfg.gguf.quantizations))]
+             *(sidecar(cfg.gguf_path(k)) for k in gguf_kinds(cfg))]
     if cfg.base_is_local():
         files.append(cfg.resolve(cfg.model.base) / CARD_FILE)
     return files
@@ -112,12 +117,11 @@ def gather(cfg: Config, fused_dir: Path) -> CardInputs:
     if fusion is None:
         raise PipelineError(f"{fused_dir}: no fused model ({FUSION_MARKER}) to write a model card for; "
                             "run `make fuse`")
-    kinds = (cfg.gguf.outtype, *cfg.gguf.quantizations)
-    ggufs = [cfg.gguf_path(k) for k in kinds]
-    current = frozenset(k for k in kinds if written_after(cfg.gguf_path(k), marker))
+    ggufs = [cfg.gguf_path(k) for k in gguf_kinds(cfg)]
+    current = frozenset(k for k in gguf_kinds(cfg) if written_after(cfg.gguf_path(k), marker))
     recorded = {"fuse": fusion["fidelity"]} if isinstance(fusion.get("fidelity"), dict) else {}
-    for kind in kinds:
-        recorded.update(recorded_fidelity(cfg.gguf_path(kind)) if kind in current else {})
+    for kind in current:  # each GGUF's own steps: no two share a key
+        recorded.update(recorded_fidelity(cfg.gguf_path(kind)))
     return CardInputs(
         fusion=fusion,
         data=read_json(cfg.data_report),

@@ -38,9 +38,9 @@ def return_freed_memory_eagerly() -> None:
         32 MiB), and setting the trim threshold freezes it wherever it stands, so activations
         of a few MB to 32 MB came from the heap, which fragments and keeps growing: a training
         step at 512 tokens on a 6-layer Qwen3-4B-wide model (NF4, gradient checkpointing, CPU)
-        grew by 130 MB per layer in the checkpointed forward alone, none of it live tensors;
-        with the fixed threshold it grew by 5 MB per layer and the step peaked at 2.72 GB instead
-        of 3.81 (README, Model families).
+        grew by 130 MB per layer in the checkpointed forward alone, none of it live tensors
+        (RssAnon read by a hook per layer); with the fixed threshold it grew by 5 MB per layer,
+        and RssAnon after the first step was 2.66 GB instead of 3.79 (README, Model families).
     """
     name = ctypes.util.find_library("c")
     try:

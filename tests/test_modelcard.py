@@ -11,8 +11,8 @@ only when an input changed, are tests/test_demo.py's.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import os
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 

@@ -162,7 +162,7 @@ print(libc.mallinfo2().hblks - before)
 def test_tensors_of_a_mebibyte_and_more_get_their_own_mapping():
     """Training's activations (a few MB to 32 MB) must not come from glibc's heap, which fragments:
     at Qwen3-4B's size and 512 tokens the heap grew 130 MB per layer and the stage peaked at 10.0 GB
-    instead of 5.82 (README, Model families). After return_freed_memory_eagerly a 2 MiB tensor is its
+    instead of 5.84 (README, Model families). After return_freed_memory_eagerly a 2 MiB tensor is its
     own mapping even once a larger free has raised glibc's dynamic threshold."""
     out = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["1"], out.stdout + out.stderr
