@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -115,12 +116,13 @@ def _gguf_tensor_shapes(path: Path) -> dict[str, list[int]]:
 
 @pytest.fixture(scope="module", params=VARIANTS, ids=_variant_id)
 def built(request, tmp_path_factory):
-    """(family, tied, folder): the variant's tiny base, built once. Read-only."""
+    """(family, tied, folder): the variant's tiny base, built once. Read-only. Removed with its GGUF
+    once the variant's tests are done (a real vocabulary makes each some 100 MB)."""
     needs_llama_cpp()
     family, tied = request.param
-    folder = tiny.build_tiny(tmp_path_factory.mktemp(_variant_id(request.param)) / f"tiny-{family}", family,
-                             tie_word_embeddings=tied)
-    return family, tied, folder
+    root = tmp_path_factory.mktemp(_variant_id(request.param))
+    yield family, tied, tiny.build_tiny(root / f"tiny-{family}", family, tie_word_embeddings=tied)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
