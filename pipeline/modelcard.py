@@ -117,11 +117,11 @@ def gather(cfg: Config, fused_dir: Path) -> CardInputs:
     if fusion is None:
         raise PipelineError(f"{fused_dir}: no fused model ({FUSION_MARKER}) to write a model card for; "
                             "run `make fuse`")
-    ggufs = [cfg.gguf_path(k) for k in gguf_kinds(cfg)]
-    current = frozenset(k for k in gguf_kinds(cfg) if written_after(cfg.gguf_path(k), marker))
+    ggufs = {k: cfg.gguf_path(k) for k in gguf_kinds(cfg)}
+    current = frozenset(k for k, path in ggufs.items() if written_after(path, marker))
     recorded = {"fuse": fusion["fidelity"]} if isinstance(fusion.get("fidelity"), dict) else {}
     for kind in current:  # each GGUF's own steps: no two share a key
-        recorded.update(recorded_fidelity(cfg.gguf_path(kind)))
+        recorded.update(recorded_fidelity(ggufs[kind]))
     return CardInputs(
         fusion=fusion,
         data=read_json(cfg.data_report),
@@ -130,7 +130,7 @@ def gather(cfg: Config, fused_dir: Path) -> CardInputs:
         base_card=base_card_file(cfg),
         current_ggufs=current,
         recorded=recorded,
-        eval_current=written_after(cfg.eval_report, marker, *ggufs),
+        eval_current=written_after(cfg.eval_report, marker, *ggufs.values()),
     )
 
 
